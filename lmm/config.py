@@ -1,0 +1,103 @@
+"""One typed config for every service, read with ``bentoml.use_arguments``.
+
+``configs/*.yaml`` feed it through ``bentoml serve --arg-file``; the defaults here are the
+defaults of ``configs/default.yaml``. Decorator arguments (workers, batch caps, resources,
+traffic) are derived from it, so scaling is declared in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Le
+from pydantic import BaseModel, ConfigDict, Field
+
+PosInt = Annotated[int, Ge(1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ServiceScaling(_Strict):
+    """How one BentoML service scales: processes, traffic limits and GPUs."""
+
+    workers: PosInt = 1
+    timeout: PosInt = Field(300, description="Request timeout in seconds.")
+    max_concurrency: PosInt = Field(256, description="Requests in flight before 503/queueing.")
+    gpus: Annotated[int, Ge(0)] = Field(0, description="nvidia.com/gpu per worker (0 on CPU).")
+    cpu: str = Field("1", description="CPU request per worker, Kubernetes style.")
+    memory: str = Field("2Gi", description="Memory request per worker, Kubernetes style.")
+
+
+class BatchCaps(_Strict):
+    """Adaptive batching caps: the dispatcher never exceeds either."""
+
+    max_batch_size: PosInt = 32
+    max_latency_ms: PosInt = Field(
+        10_000,
+        description="Hard limit: requests that cannot meet it get 503, so size it generously.",
+    )
+
+
+class VisionConfig(ServiceScaling):
+    batching: BatchCaps = BatchCaps()
+
+
+class LLMConfig(ServiceScaling):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    max_num_seqs: PosInt = Field(32, description="Sequences decoded together (continuous batching).")
+    max_model_len: PosInt = Field(2048, description="Prompt + generated tokens per sequence.")
+    gpu_memory_utilization: Annotated[float, Ge(0.05), Le(1.0)] = 0.9
+
+
+class ImageLimits(_Strict):
+    max_images: Annotated[int, Ge(0)] = Field(4, description="Images per request.")
+    max_bytes: PosInt = Field(10 * 1024 * 1024, description="Encoded size of one image.")
+    max_pixels: PosInt = Field(40_000_000, description="Width x height of one image.")
+    allowed_url_domains: list[str] = Field(
+        default_factory=list,
+        description="http(s) image URLs are fetched only from these domains (empty: never).",
+    )
+    fetch_timeout_s: Annotated[float, Ge(0.1)] = 10.0
+
+
+class LMMConfig(_Strict):
+    """The whole deployment: models, devices, limits and per-service scaling."""
+
+    llm_model: str = Field("lmm-shapes-llava:latest", description="Model-store tag of the LMM.")
+    clip_model: str = Field("lmm-shapes-clip:latest", description="Model-store tag of CLIP.")
+    served_model_name: str = Field("shapes-llava", description="Name clients pass as `model`.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    torch_threads: Annotated[int, Ge(0)] = Field(0, description="0: torch's default.")
+    default_max_tokens: PosInt = 64
+    max_tokens_limit: PosInt = 1024
+    max_n: PosInt = Field(8, description="Upper bound on n / num_return_sequences.")
+    api: ServiceScaling = ServiceScaling(cpu="2", memory="2Gi")
+    vision: VisionConfig = VisionConfig(gpus=1)
+    llm: LLMConfig = LLMConfig(gpus=1)
+    images: ImageLimits = ImageLimits()
+
+    def resources(self, scaling: ServiceScaling) -> dict:
+        res: dict = {"cpu": scaling.cpu, "memory": scaling.memory}
+        if scaling.gpus:
+            res["gpu"] = scaling.gpus
+        return res
+
+    def traffic(self, scaling: ServiceScaling) -> dict:
+        return {"timeout": scaling.timeout, "max_concurrency": scaling.max_concurrency}
+
+
+# The inter-service client pool is recreated after `max_requests` (BentoML default 100) while
+# requests are still in flight, which surfaces as HTTP 500 under load: never recycle it.
+RUNNER_CONNECTION = {"max_requests": 1_000_000_000, "max_age": 1e9}
+
+
+@functools.cache
+def load_config() -> LMMConfig:
+    """The config given to ``bentoml serve/build --arg-file``; defaults outside BentoML."""
+    import bentoml
+
+    return bentoml.use_arguments(LMMConfig)

@@ -1,0 +1,249 @@
+"""The API service's request path, independent of BentoML: preprocess -> encode -> generate ->
+detokenize. The runners come in as arguments (BentoML clients in the service, fakes in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from lmm.config import LMMConfig
+from lmm.errors import BadRequest, LMMError, Overloaded
+from lmm.postprocess import IncrementalDetokenizer, StopStrings
+from lmm.protocol import EngineOutput, FinishReason, SamplingParams, Usage
+
+logger = logging.getLogger(__name__)
+
+
+class VisionClient(Protocol):
+    async def encode(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    async def embed_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    async def embed_texts(self, input_ids: list[list[int]]) -> list[list[float]]: ...
+
+
+class LLMClient(Protocol):
+    def generate(
+        self, prompt_token_ids: list[int], image_features: np.ndarray, params: SamplingParams
+    ) -> AsyncIterator[str]: ...
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    pixel_values: np.ndarray | None  # [n_images, 3, H, W]
+
+
+@dataclass
+class Delta:
+    """A piece of one completion's text; ``finish_reason`` set on that completion's last one."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def user_messages(prompt: str, n_images: int, system_prompt: str | None = None) -> list[dict]:
+    """The chat for a plain prompt: images first, then the text, as LLaVA was trained."""
+    messages: list[dict] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": prompt})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+async def _lines(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[str]:
+    """Re-frame a byte stream into the JSON lines the LLM runner wrote."""
+    buffer = ""
+    async for chunk in chunks:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
+
+
+class Pipeline:
+    def __init__(self, config: LMMConfig, processor: Any, clip_processor: Any,
+                 vision: VisionClient, llm: LLMClient):
+        self.config = config
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.clip_processor = clip_processor
+        self.vision = vision
+        self.llm = llm
+
+    # -- pre-processing ------------------------------------------------------------------
+    def check_image_count(self, n: int) -> None:
+        if n > self.config.images.max_images:
+            raise BadRequest(
+                f"{n} images sent; at most {self.config.images.max_images} per request.", "images"
+            )
+
+    def build_prompt(self, messages: list[dict], images: Sequence[Image.Image]) -> Prompt:
+        """Chat template + processor: token ids with image tokens expanded, and pixel values."""
+        self.check_image_count(len(images))
+        try:
+            text = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # a template raising on the conversation: the client's shape
+            raise BadRequest(f"messages do not fit the model's chat template: {exc}", "messages")
+        inputs = self.processor(
+            text=text, images=list(images) or None, return_tensors="np", add_special_tokens=False
+        )
+        ids = [int(t) for t in inputs["input_ids"][0]]
+        pixels = inputs.get("pixel_values") if images else None
+        return Prompt(ids, None if pixels is None else np.asarray(pixels, dtype=np.float32))
+
+    def image_tokens(self) -> int:
+        """Prompt tokens one image expands to (measured, so it holds for any processor)."""
+        image = Image.new("RGB", (32, 32))
+        with_image = self.build_prompt(user_messages("x", 1), [image]).token_ids
+        without = self.build_prompt(user_messages("x", 0), []).token_ids
+        return len(with_image) - len(without)
+
+    def check_budget(self, prompt: Prompt, params: SamplingParams) -> None:
+        limit = self.config.llm.max_model_len
+        if len(prompt.token_ids) + params.max_tokens > limit:
+            raise BadRequest(
+                f"prompt is {len(prompt.token_ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"together over the model's {limit}-token context; shorten the prompt, send "
+                "fewer images or lower max_tokens.",
+                "max_tokens",
+            )
+
+    # -- generation ----------------------------------------------------------------------
+    async def encode(self, prompt: Prompt) -> np.ndarray:
+        if prompt.pixel_values is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        features = await self.vision.encode(prompt.pixel_values)
+        return np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
+
+    async def _one(self, index: int, prompt: Prompt, features: np.ndarray,
+                   params: SamplingParams, stop: Sequence[str]) -> AsyncIterator[Delta]:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(stop)
+        out = EngineOutput()
+        stream = self.llm.generate(
+            prompt_token_ids=prompt.token_ids, image_features=features, params=params
+        )
+        lines = _lines(stream)
+        try:
+            async for line in lines:
+                out = EngineOutput.model_validate_json(line)
+                text = stops.push(detok.push(out.token_ids))
+                if out.finish_reason is not None:
+                    text += stops.push(detok.flush()) + stops.flush()
+                if stops.stopped:
+                    yield Delta(index, text, "stop", out.prompt_tokens, out.completion_tokens)
+                    return  # closing the stream aborts the sequence in the runner
+                if text or out.finish_reason is not None:
+                    yield Delta(index, text, out.finish_reason, out.prompt_tokens,
+                                out.completion_tokens)
+                if out.finish_reason is not None:
+                    return
+        finally:
+            await lines.aclose()
+            if hasattr(stream, "aclose"):
+                await stream.aclose()
+        raise Overloaded("the LLM runner ended the stream early; retry the request.")
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
+                     n: int = 1) -> AsyncIterator[Delta]:
+        """Deltas of ``n`` completions, interleaved as they are produced."""
+        self.check_budget(prompt, params)
+        features = await self.encode(prompt)
+        if n == 1:
+            async for delta in self._one(0, prompt, features, params, stop):
+                yield delta
+            return
+        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            seed = None if params.seed is None else params.seed + i
+            try:
+                async for d in self._one(i, prompt, features, params.model_copy(update={"seed": seed}), stop):
+                    await queue.put(d)
+            except BaseException as exc:  # surfaced to the consumer below
+                await queue.put(exc)
+            else:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            done = 0
+            while done < n:
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def complete(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
+                       n: int = 1) -> tuple[list[str], list[FinishReason | None], Usage]:
+        texts, reasons = [""] * n, [None] * n
+        prompt_tokens, completion = len(prompt.token_ids), [0] * n
+        async for d in self.stream(prompt, params, stop, n):
+            texts[d.index] += d.text
+            completion[d.index] = d.completion_tokens
+            if d.finish_reason:
+                reasons[d.index] = d.finish_reason
+        return texts, reasons, usage(prompt_tokens, sum(completion))
+
+    # -- embeddings ----------------------------------------------------------------------
+    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]):
+        self.check_image_count(len(images))
+        text_vectors: list[list[float]] = []
+        image_vectors: list[list[float]] = []
+        jobs = []
+        if texts:
+            tok = self.clip_processor.tokenizer
+            limit = getattr(tok, "model_max_length", 77)
+            ids = tok(list(texts), truncation=True, max_length=min(limit, 10_000))["input_ids"]
+            jobs.append(self.vision.embed_texts([list(map(int, row)) for row in ids]))
+        if images:
+            pixels = self.clip_processor.image_processor(list(images), return_tensors="np")
+            jobs.append(self.vision.embed_images(np.asarray(pixels["pixel_values"], np.float32)))
+        results = await asyncio.gather(*jobs)
+        if texts:
+            text_vectors = [list(map(float, v)) for v in results.pop(0)]
+        if images:
+            image_vectors = [list(map(float, v)) for v in results.pop(0)]
+        return text_vectors, image_vectors
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def error_payload(exc: BaseException) -> dict:
+    """The OpenAI-style error body; internals of unexpected errors are not shown."""
+    if isinstance(exc, LMMError):
+        return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
+                          "code": int(exc.error_code)}}
+    return {"error": {"message": "internal error; see the server log", "type": "server_error",
+                      "param": None, "code": 500}}

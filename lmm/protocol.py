@@ -1,0 +1,128 @@
+"""Typed IO of the native API and of the runners. Field descriptions become the OpenAPI spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SamplingParams(BaseModel):
+    """Per-sequence sampling; the engine honours each one inside a shared batch."""
+
+    max_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1.0 disables.")
+    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra end tokens.")
+    ignore_eos: bool = False
+
+
+class EngineOutput(BaseModel):
+    """One step of one sequence as the LLM runner streams it."""
+
+    token_ids: list[int] = Field(default_factory=list, description="Tokens new in this chunk.")
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Completion(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None
+
+
+class GenerateResponse(BaseModel):
+    """Result of /generate: the first completion's text plus every completion when n > 1."""
+
+    model: str
+    text: str = Field(description="Text of the first completion.")
+    finish_reason: FinishReason | None
+    completions: list[Completion]
+    usage: Usage
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    text_embeddings: list[list[float]] = Field(description="One L2-normalized vector per text.")
+    image_embeddings: list[list[float]] = Field(description="One L2-normalized vector per image.")
+
+
+class ModelCard(BaseModel):
+    name: str
+    tag: str
+    architecture: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    backend: str
+
+
+class ImageLimitsInfo(BaseModel):
+    max_images: int
+    max_bytes: int
+    max_pixels: int
+
+
+class ModelInfo(BaseModel):
+    served_model_name: str
+    llm: ModelCard
+    vision: ModelCard
+    embedding: ModelCard
+    image_tokens: int = Field(description="Prompt tokens one image takes.")
+    max_tokens_limit: int
+    max_model_len: int
+    images: ImageLimitsInfo
+
+
+class RunnerStats(BaseModel):
+    """Counters a runner keeps about the batches it ran (for tests and dashboards)."""
+
+    service: str
+    batches: int = 0
+    max_batch_size_seen: int = 0
+    batch_size_histogram: dict[int, int] = Field(default_factory=dict)
+
+
+class GenerateInput(BaseModel):
+    """Native generate request: a prompt, images (uploads or base64) and sampling parameters."""
+
+    prompt: str = Field(description="The user's message; the model's chat template is applied.")
+    images: list[Path] = Field(default_factory=list, description="Image files (multipart upload).")
+    images_b64: list[str] = Field(
+        default_factory=list, description="Images as base64 or data:image/...;base64, URLs."
+    )
+    system_prompt: str | None = Field(None, description="Optional system message.")
+    max_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
+    n: int = Field(1, ge=1, description="Completions to return for this prompt.")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
+        )
+
+
+class EmbedInput(BaseModel):
+    """Texts and/or images to embed into the shared CLIP space."""
+
+    texts: list[str] = Field(default_factory=list)
+    images: list[Path] = Field(default_factory=list, description="Image files (multipart upload).")
+    images_b64: list[str] = Field(default_factory=list, description="Base64 or data URL images.")

@@ -1,0 +1,111 @@
+"""CLI: `python -m models.shapes {train,eval,eval-local}`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from models.shapes import WEIGHTS_DIR
+from models.shapes.data import HELD_OUT_SEED, QUESTION_TYPES, make_samples
+
+WEIGHTS = WEIGHTS_DIR
+
+
+def _progress(name: str):
+    def report(step: int, loss: float, elapsed: float) -> None:
+        print(f"[{name}] step {step:5d}  loss {loss:.4f}  elapsed {elapsed:6.1f}s", flush=True)
+
+    return report
+
+
+def _report(title: str, acc: dict[str, float], minimum: float) -> bool:
+    print(title)
+    for qtype in QUESTION_TYPES:
+        if qtype in acc:
+            print(f"  {qtype:<10} {acc[qtype]:.3f}")
+    ok = all(v >= minimum for v in acc.values())
+    print(f"  {'PASS' if ok else 'FAIL'} (min {minimum})")
+    return ok
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.shapes.train import train_clip, train_llava
+
+    out = Path(args.out)
+    if args.steps > 0:
+        r = train_llava(args.steps, args.seed, out / "llava", progress=_progress("llava"))
+        print(f"llava: {r.params} params, {r.seconds:.1f}s -> {r.out_dir}")
+    if args.clip_steps > 0:
+        r = train_clip(args.clip_steps, args.seed, out / "clip", progress=_progress("clip"))
+        print(f"clip: {r.params} params, {r.seconds:.1f}s -> {r.out_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.shapes.evaluate import service_accuracy, service_retrieval_top1
+
+    samples = make_samples(args.n, args.seed)
+    ok = True
+    if not args.embed_only:
+        acc = service_accuracy(args.url, samples, args.concurrency, args.route)
+        ok = _report(f"{args.url} ({args.route}), {args.n} samples", acc, args.min)
+    if args.embed or args.embed_only:
+        top1 = service_retrieval_top1(args.url, samples)
+        print(f"  retrieval top-1 {top1:.3f}")
+        ok = ok and top1 >= args.min
+    return 0 if ok else 1
+
+
+def cmd_eval_local(args: argparse.Namespace) -> int:
+    from transformers import AutoProcessor, CLIPModel, LlavaForConditionalGeneration
+
+    from models.shapes.evaluate import clip_retrieval_top1, llava_accuracy
+
+    samples = make_samples(args.n, args.seed)
+    weights = Path(args.weights)
+    model = LlavaForConditionalGeneration.from_pretrained(weights / "llava")
+    acc = llava_accuracy(model, AutoProcessor.from_pretrained(weights / "llava"), samples)
+    ok = _report(f"llava {weights / 'llava'}, {args.n} samples", acc, args.min)
+    clip = CLIPModel.from_pretrained(weights / "clip")
+    top1 = clip_retrieval_top1(clip, AutoProcessor.from_pretrained(weights / "clip"), samples)
+    print(f"clip {weights / 'clip'}: retrieval top-1 {top1:.3f}")
+    return 0 if ok and top1 >= args.min else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.shapes", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train both models and save them")
+    train.add_argument("--steps", type=int, default=3000, help="LLaVA steps (0 skips)")
+    train.add_argument("--clip-steps", type=int, default=1200, help="CLIP steps (0 skips)")
+    train.add_argument("--out", default=str(WEIGHTS))
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (
+        ("eval", cmd_eval, "accuracy of a running server"),
+        ("eval-local", cmd_eval_local, "in-process accuracy of saved weights"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--n", type=int, default=200, help="held-out samples")
+        p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+        p.add_argument("--min", type=float, default=0.98, help="fail below this accuracy")
+        p.set_defaults(func=func)
+    evaluate = sub.choices["eval"]
+    evaluate.add_argument("--url", default="http://127.0.0.1:3000")
+    evaluate.add_argument("--route", choices=("native", "openai"), default="native")
+    evaluate.add_argument("--concurrency", type=int, default=16)
+    evaluate.add_argument("--embed", action="store_true", help="also check /embed retrieval")
+    evaluate.add_argument("--embed-only", action="store_true", help="only check /embed")
+    sub.choices["eval-local"].add_argument("--weights", default=str(WEIGHTS))
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

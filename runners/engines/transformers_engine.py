@@ -1,0 +1,329 @@
+"""Continuous-batching engine on Hugging Face transformers (CPU, or CUDA without vLLM).
+
+One scheduler thread owns the model. Each iteration it admits waiting sequences (prefilled
+together, left-padded), merges their KV cache into the running batch, and decodes one token
+for every running sequence in a single forward pass. Sequences join and leave between steps,
+so a request never waits for another to finish, and each keeps its own sampling parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from lmm.device import resolve_device_dtype
+from lmm.protocol import EngineOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    features: object  # torch.Tensor [n_image_tokens, hidden] or None
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    generator: object = None  # torch.Generator when seeded
+    output_ids: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the KV cache that belong to this sequence
+    aborted: bool = False
+    done: bool = False
+
+    def send(self, item: EngineOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class TransformersEngine:
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_num_seqs: int = 32,
+        max_model_len: int = 2048,
+        torch_threads: int = 0,
+        on_batch: Callable[[int], None] | None = None,
+        **_: object,
+    ):
+        self.model_path = model_path
+        self.device_name, self.dtype_name = device, dtype
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.torch_threads = torch_threads
+        self.on_batch = on_batch
+        self.batch_sizes: Counter[int] = Counter()
+        self._inbox: queue.Queue[_Sequence] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        self.device, self.dtype = resolve_device_dtype(self.device_name, self.dtype_name)
+        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
+        model.eval().to(self.device)
+        config = model.config
+        self.image_token_id = config.image_token_id
+        self.embed = model.get_input_embeddings()
+        self.decoder = model.model.language_model
+        self.lm_head = model.lm_head
+        self.text_config = config.get_text_config()
+        # The vision tower lives in the vision runner; do not hold its weights twice.
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.hidden_size = self.text_config.hidden_size
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        self._thread = threading.Thread(target=self._loop, name="lmm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def stats(self) -> dict[int, int]:
+        return dict(self.batch_sizes)
+
+    # -- request side --------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], features: np.ndarray | None, params: SamplingParams):
+        n_image_tokens = sum(1 for t in prompt_ids if t == self.image_token_id)
+        n_features = 0 if features is None else int(features.shape[0])
+        if n_image_tokens != n_features:
+            raise ValueError(
+                f"prompt has {n_image_tokens} image tokens but {n_features} feature rows were sent"
+            )
+        if features is not None and n_features and features.shape[1] != self.hidden_size:
+            raise ValueError(f"image features have width {features.shape[1]}, not {self.hidden_size}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        image_features: np.ndarray | None,
+        params: SamplingParams,
+    ) -> AsyncIterator[EngineOutput]:
+        import torch
+
+        self.validate(prompt_token_ids, image_features, params)
+        features = None
+        if image_features is not None and image_features.shape[0]:
+            features = torch.as_tensor(np.ascontiguousarray(image_features))
+        seq = _Sequence(
+            request_id, list(prompt_token_ids), features, params,
+            asyncio.get_running_loop(), asyncio.Queue(),
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self._inbox.put(seq)
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.aborted = True  # no-op when finished; frees the slot when the client went away
+
+    # -- scheduler thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        running: list[_Sequence] = []
+        cache = mask = None
+        while not self._stopping.is_set():
+            try:
+                new = self._admit(block=not running, room=self.max_num_seqs - len(running))
+                if not new and not running:
+                    continue
+                with torch.inference_mode():
+                    # Every running row gets one token per iteration: the rows already running
+                    # from a decode step, the newly admitted ones from their prefill.
+                    parts = []
+                    if running:
+                        logits, cache, mask = self._decode(running, cache, mask)
+                        parts.append(logits)
+                    if new:
+                        logits, new_cache, new_mask = self._prefill(new)
+                        cache, mask = self._merge(cache, mask, new_cache, new_mask)
+                        running = running + new
+                        parts.append(logits)
+                    self._record(len(running))
+                    self._sample_and_emit(running, torch.cat(parts, 0))
+                keep = [i for i, s in enumerate(running) if not (s.done or s.aborted)]
+                if len(keep) != len(running):
+                    running = [running[i] for i in keep]
+                    cache, mask = self._select(cache, mask, keep)
+            except Exception as exc:  # a failed step fails its sequences, never the engine
+                logger.exception("engine step failed; failing %d sequences", len(running))
+                for seq in running:
+                    seq.send(RuntimeError("generation failed"))
+                running, cache, mask = [], None, None
+
+    def _admit(self, block: bool, room: int) -> list[_Sequence]:
+        new: list[_Sequence] = []
+        while len(new) < room:
+            try:
+                seq = self._inbox.get(timeout=0.05) if block and not new else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not seq.aborted:
+                new.append(seq)
+        return new
+
+    def _record(self, size: int) -> None:
+        self.batch_sizes[size] += 1
+        if self.on_batch is not None:
+            self.on_batch(size)
+
+    def _embed(self, seq: _Sequence):
+        import torch
+
+        ids = torch.tensor(seq.prompt_ids, device=self.device)
+        embeds = self.embed(ids)
+        if seq.features is not None:
+            positions = (ids == self.image_token_id).nonzero(as_tuple=True)[0]
+            embeds = embeds.clone()
+            embeds[positions] = seq.features.to(self.device, embeds.dtype)
+        return embeds
+
+    def _prefill(self, seqs: list[_Sequence]):
+        import torch
+        from transformers import DynamicCache
+
+        longest = max(len(s.prompt_ids) for s in seqs)
+        hidden = self.embed.weight.shape[1]
+        embeds = torch.zeros(len(seqs), longest, hidden, device=self.device, dtype=self.embed.weight.dtype)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            embeds[row, longest - n :] = self._embed(seq)
+            mask[row, longest - n :] = 1
+            seq.length = n
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.text_config)
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True,
+        )
+        logits = self.lm_head(out.last_hidden_state[:, -1, :]).float()
+        return logits, out.past_key_values, mask
+
+    def _decode(self, seqs: list[_Sequence], cache, mask):
+        import torch
+
+        last = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=self.device)], 1)
+        positions = torch.tensor([[s.length] for s in seqs], device=self.device)
+        out = self.decoder(
+            inputs_embeds=self.embed(last), attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True,
+        )
+        for s in seqs:
+            s.length += 1
+        return self.lm_head(out.last_hidden_state[:, -1, :]).float(), out.past_key_values, mask
+
+    @staticmethod
+    def _layers(cache):
+        return cache.layers
+
+    def _merge(self, cache, mask, new_cache, new_mask):
+        """Stack the running batch and the newly prefilled rows, left-padding the shorter."""
+        import torch
+        import torch.nn.functional as F
+
+        if cache is None:
+            return new_cache, new_mask
+        width = max(mask.shape[1], new_mask.shape[1])
+
+        def pad(t, n):  # left-pad the sequence axis (-2 for K/V, -1 for the mask)
+            return t if n == 0 else F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
+
+        a, b = width - mask.shape[1], width - new_mask.shape[1]
+        for old, new in zip(self._layers(cache), self._layers(new_cache)):
+            old.keys = torch.cat([pad(old.keys, a), pad(new.keys, b)], 0)
+            old.values = torch.cat([pad(old.values, a), pad(new.values, b)], 0)
+        return cache, torch.cat([pad(mask, a), pad(new_mask, b)], 0)
+
+    def _select(self, cache, mask, keep: list[int]):
+        """Drop finished rows, then the leading columns that are padding in every row."""
+        import torch
+
+        if not keep:
+            return None, None
+        index = torch.tensor(keep, device=self.device)
+        mask = mask[index]
+        lead = int((mask.cumsum(-1) == 0).sum(-1).min())
+        for layer in self._layers(cache):
+            layer.keys = layer.keys[index, :, lead:]
+            layer.values = layer.values[index, :, lead:]
+        return cache, mask[:, lead:]
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits) -> None:
+        for row, seq in enumerate(seqs):
+            if seq.aborted:
+                continue
+            token = self._sample(seq, logits[row])
+            seq.output_ids.append(token)
+            p = seq.params
+            finish = None
+            emitted = [token]
+            if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
+                finish, emitted = "stop", []  # the end token is counted, never shown
+            elif len(seq.output_ids) >= p.max_tokens or seq.length + 1 >= self.max_model_len:
+                finish = "length"
+            seq.done = finish is not None
+            seq.send(EngineOutput(
+                token_ids=emitted, finish_reason=finish,
+                prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+            ))
+
+    @staticmethod
+    def _sample(seq: _Sequence, logits) -> int:
+        import torch
+
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_ids + seq.output_ids)), device=logits.device)
+            picked = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(
+                picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty
+            )
+        if p.temperature == 0.0:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the first over p
+            logits = logits.clone()
+            logits[order[drop]] = float("-inf")
+        probs = logits.softmax(-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -1,0 +1,92 @@
+"""LLM runner: prompt token ids + image features -> streamed token ids.
+
+The engine (transformers here, vLLM on GPU) batches every running sequence into each decode
+step, streaming and non-streaming alike; this service only frames its output. Each chunk is
+one JSON line, because an HTTP stream between services may split or join writes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import AsyncGenerator
+
+import bentoml
+import numpy as np
+
+from lmm.config import RUNNER_CONNECTION, load_config
+from lmm.errors import BadRequest
+from lmm.protocol import RunnerStats, SamplingParams
+
+CONFIG = load_config()
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="lmm_llm_batch_size",
+    documentation="Sequences decoded together in one engine step",
+    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+)
+
+
+@bentoml.service(
+    name="lmm-llm",
+    workers=CONFIG.llm.workers,
+    resources=CONFIG.resources(CONFIG.llm),
+    traffic=CONFIG.traffic(CONFIG.llm),
+    runner_connection=RUNNER_CONNECTION,
+)
+class LLM:
+    llava = bentoml.models.BentoModel(CONFIG.llm_model)
+
+    def __init__(self) -> None:
+        from runners.engines import make_engine
+
+        self.engine = make_engine(
+            CONFIG.llm.backend,
+            self.llava.path,
+            device=CONFIG.device,
+            dtype=CONFIG.dtype,
+            max_num_seqs=CONFIG.llm.max_num_seqs,
+            max_model_len=CONFIG.llm.max_model_len,
+            gpu_memory_utilization=CONFIG.llm.gpu_memory_utilization,
+            torch_threads=CONFIG.torch_threads,
+            on_batch=BATCH_SIZE.observe,
+        )
+
+    @bentoml.on_startup
+    async def start_engine(self) -> None:
+        await self.engine.start()
+
+    @bentoml.on_shutdown
+    async def stop_engine(self) -> None:
+        await self.engine.shutdown()
+
+    @bentoml.api
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        image_features: np.ndarray,
+        params: SamplingParams,
+    ) -> AsyncGenerator[str, None]:
+        """Stream one sequence as JSON lines of EngineOutput; features are [tokens, hidden]."""
+        features = image_features if image_features.size else None
+        stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
+        try:
+            first = await anext(stream)
+        except ValueError as exc:  # the engine's own validation: a client fault
+            raise BadRequest(str(exc)) from None
+        try:
+            yield first.model_dump_json() + "\n"
+            async for output in stream:
+                yield output.model_dump_json() + "\n"
+        finally:
+            await stream.aclose()  # the caller went away: free the sequence's batch slot
+
+    @bentoml.api
+    def stats(self) -> RunnerStats:
+        """Decode batch sizes the engine has run."""
+        histogram = self.engine.stats()
+        return RunnerStats(
+            service="lmm-llm",
+            batches=sum(histogram.values()),
+            max_batch_size_seen=max(histogram, default=0),
+            batch_size_histogram=histogram,
+        )
