@@ -24,7 +24,7 @@ def build(args: argparse.Namespace) -> int:
     for name, (folder, what) in DEFAULTS.items():
         print(f"[models] {name}: {what} ...", flush=True)
         model = save_to_store(
-            name, WEIGHTS / folder,
+            name, Path(args.weights) / folder,
             labels={"source": "bento-lmm/models/shapes", "trained": "synthetic-shapes",
                     "role": folder},
             metadata={"source": f"models/shapes/weights/{folder}", "description": what},
@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build the default models into the store").set_defaults(func=build)
+    b = sub.add_parser("build", help="put the default models into the store")
+    b.add_argument("--weights", default=str(WEIGHTS), help="folder with llava/ and clip/")
+    b.set_defaults(func=build)
     hf = sub.add_parser("import-hf", help="import a Hugging Face checkpoint into the store")
     hf.add_argument("model_id", help="e.g. llava-hf/llava-1.5-7b-hf")
     hf.add_argument("--name", help="store name (default: derived from the id)")

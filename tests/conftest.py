@@ -1,0 +1,97 @@
+"""Shared fixtures: a temporary BentoML model store with the default models, and real servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BENTOML = str(Path(PY).parent / "bentoml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory) -> Path:
+    """A fresh model store holding the default models, as `./dev` builds them."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    weights = os.environ.get("LMM_WEIGHTS")  # only to try other weights locally
+    cmd = [PY, "-m", "models", "build"] + (["--weights", weights] if weights else [])
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return home
+
+
+class Server:
+    """A `bentoml serve` (or any command) on a free loopback port, stopped at teardown."""
+
+    def __init__(self, cmd: list[str], env: dict, port: int, log: Path):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def serve(bentoml_home: Path, log_dir: Path, config: str = "configs/test.yaml",
+          extra: list[str] = ()) -> Server:
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+    cmd = [BENTOML, "serve", "service:LMMService", "--host", "127.0.0.1", "--port", str(port),
+           "--arg-file", config, *extra]
+    return Server(cmd, env, port, log_dir / f"serve-{port}.log")
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home, tmp_path_factory):
+    """One real `bentoml serve` of the three services, shared by the integration tests."""
+    srv = serve(bentoml_home, tmp_path_factory.mktemp("logs"))
+    try:
+        srv.ready_s = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def url(server) -> str:
+    return server.url
