@@ -95,3 +95,16 @@ def server(bentoml_home, tmp_path_factory):
 @pytest.fixture(scope="session")
 def url(server) -> str:
     return server.url
+
+
+WEIGHTS = Path(os.environ.get("LMM_WEIGHTS", ROOT / "models" / "shapes" / "weights"))
+
+
+@pytest.fixture(scope="session")
+def llava_dir() -> Path:
+    return WEIGHTS / "llava"
+
+
+@pytest.fixture(scope="session")
+def clip_dir() -> Path:
+    return WEIGHTS / "clip"

@@ -1,0 +1,176 @@
+"""The three services under a real `bentoml serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from models.shapes.data import make_samples, normalize_answer
+
+pytestmark = pytest.mark.integration
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ask(url: str, image: bytes, prompt: str, **fields) -> httpx.Response:
+    data = {"prompt": prompt, **{k: str(v) for k, v in fields.items()}}
+    return httpx.post(url + "/generate", files=[("images", ("i.png", image, "image/png"))],
+                      data=data, timeout=120)
+
+
+def test_three_worker_processes_with_distinct_service_names(server):
+    names = []
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        cmd = child.cmdline()
+        if "--service-name" in cmd:
+            names.append(cmd[cmd.index("--service-name") + 1])
+    assert sorted(names) == ["lmm-api", "lmm-llm", "lmm-vision"]
+
+
+def test_image_and_prompt_give_the_right_answer(url):
+    sample = next(s for s in make_samples(8, seed=4242) if s.qtype == "describe")
+    r = ask(url, png(sample.image), sample.question, max_tokens=16)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert normalize_answer(body["text"]) == normalize_answer(sample.answer)
+    assert body["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] > 64  # the image tokens are in the prompt
+    assert body["usage"]["total_tokens"] == (
+        body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+
+
+def test_stream_delivers_several_chunks_over_time(url):
+    sample = next(s for s in make_samples(8, seed=7) if s.qtype == "describe")
+    events, arrivals = [], []
+    with httpx.stream("POST", url + "/generate_stream", data={"prompt": sample.question},
+                      files=[("images", ("i.png", png(sample.image), "image/png"))],
+                      timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                arrivals.append(time.monotonic())
+    assert events[-1] == "[DONE]"
+    import json
+
+    parsed = [json.loads(e) for e in events[:-1]]
+    texts = [p["text"] for p in parsed if "text" in p]
+    assert len([t for t in texts if t]) >= 3
+    assert normalize_answer("".join(texts)) == normalize_answer(sample.answer)
+    assert arrivals[-1] > arrivals[0]
+    assert parsed[-1]["usage"]["completion_tokens"] >= 3
+
+
+def test_openapi_lists_every_endpoint_and_swagger_ui_is_served(url):
+    spec = httpx.get(url + "/docs.json").json()
+    assert {"/generate", "/generate_stream", "/embed", "/model_info"} <= set(spec["paths"])
+    ui = httpx.get(url + "/")
+    assert ui.status_code == 200 and "swagger" in ui.text.lower()
+
+
+def test_model_info_names_the_store_versions(url, bentoml_home):
+    import os
+    import subprocess
+    import sys
+
+    info = httpx.post(url + "/model_info").json()
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "list", "-o", "json"],
+        env={**os.environ, "BENTOML_HOME": str(bentoml_home)}, capture_output=True, text=True,
+        check=True,
+    ).stdout
+    assert info["llm"]["tag"] in out and info["embedding"]["tag"] in out
+    assert info["image_tokens"] == 64
+    assert info["llm"]["architecture"] == "LlavaForConditionalGeneration"
+
+
+def _hist(metrics: str, name: str, selector: str = "") -> tuple[float, float]:
+    """(observations in the le=1 bucket, all observations) of a Prometheus histogram."""
+    ones = total = 0.0
+    for line in metrics.splitlines():
+        if not line.startswith(name) or selector not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith(name + "_bucket") and 'le="1.0"' in line:
+            ones += value
+        elif line.startswith(name + "_count"):
+            total += value
+    return ones, total
+
+
+async def _burst(url: str, n: int, concurrency: int, image: bytes) -> list[int]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int) -> int:
+            async with sem:
+                r = await client.post(
+                    url + "/generate", data={"prompt": "What shape is this?", "max_tokens": "8"},
+                    files=[("images", ("i.png", image, "image/png"))],
+                )
+                return r.status_code
+        return await asyncio.gather(*[one(i) for i in range(n)])
+
+
+def test_adaptive_batching_seen_from_the_outside(url):
+    image = png(make_samples(1, seed=11)[0].image)
+    assert asyncio.run(_burst(url, 48, 48, image)) == [200] * 48
+    metrics = httpx.get(url + "/metrics").text
+    ones, total = _hist(metrics, "bentoml_service_adaptive_batch_size", 'method_name="encode"')
+    assert total > ones, "vision runner never ran a batch larger than 1"
+    ones, total = _hist(metrics, "lmm_llm_batch_size")
+    assert total > ones, "LLM engine never decoded more than one sequence at a time"
+    stats = httpx.post(url + "/runner_stats").json()
+    assert stats["vision"]["max_batch_size_seen"] > 1 and stats["llm"]["max_batch_size_seen"] > 1
+
+
+def test_load_512_requests_at_concurrency_64_all_succeed(url):
+    image = png(make_samples(1, seed=12)[0].image)
+    codes = asyncio.run(_burst(url, 512, 64, image))
+    assert codes.count(200) == 512, {c: codes.count(c) for c in set(codes)}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not-an-image", "truncated-png", "max-tokens-too-big", "max-tokens-zero", "bad-base64",
+     "too-many-images", "too-many-pixels"],
+)
+def test_bad_input_gets_a_clear_4xx(url, case):
+    good = png(make_samples(1, seed=3)[0].image)
+    files = [("images", ("i.png", good, "image/png"))]
+    data = {"prompt": "What shape is this?"}
+    expect, message = 400, ""
+    if case == "not-an-image":
+        files, message = [("images", ("x.txt", b"hello, world", "text/plain"))], "not a readable image"
+    elif case == "truncated-png":
+        files, message = [("images", ("t.png", good[: len(good) // 2], "image/png"))], "truncated"
+    elif case == "max-tokens-too-big":
+        data["max_tokens"], message = "100000", "less than or equal to 256"
+    elif case == "max-tokens-zero":
+        data["max_tokens"], message = "0", "greater than or equal to 1"
+    elif case == "bad-base64":
+        files, data["images_b64"], message = [], ["not base64!"], "not valid base64"
+    elif case == "too-many-images":
+        files, message = files * 5, "at most 4"
+    elif case == "too-many-pixels":
+        big = io.BytesIO()
+        Image.new("RGB", (2100, 2100)).save(big, format="PNG")
+        files, expect, message = [("images", ("b.png", big.getvalue(), "image/png"))], 413, "pixel"
+    if files:
+        r = httpx.post(url + "/generate", files=files, data=data, timeout=60)
+    else:
+        r = httpx.post(url + "/generate", json=data, timeout=60)
+    assert r.status_code == expect, r.text
+    assert re.search(message, r.text), r.text
