@@ -74,8 +74,8 @@ class LMMService:
         self.image_tokens = self.pipeline.image_tokens()
 
     # -- request decoding ----------------------------------------------------------------
-    def _images(self, uploads: list[Path], encoded: list[str]):
-        self.pipeline.check_image_count(len(uploads) + len(encoded))
+    def _images(self, uploads: list[Path], encoded: list[str], embed: bool = False):
+        self.pipeline.check_image_count(len(uploads) + len(encoded), embed)
         limits = CONFIG.images
         images = []
         for path in uploads:
@@ -134,7 +134,9 @@ class LMMService:
         request = EmbedInput(**params)
         if not request.texts and not request.images and not request.images_b64:
             raise BadRequest("send at least one of texts, images or images_b64.", "texts")
-        images = await asyncio.to_thread(self._images, request.images, request.images_b64)
+        images = await asyncio.to_thread(
+            self._images, request.images, request.images_b64, True
+        )
         texts, vectors = await self.pipeline.embed(request.texts, images)
         dim = len((texts or vectors)[0])
         return EmbedResponse(model=self.clip.tag.name, dim=dim, text_embeddings=texts,

@@ -11,7 +11,7 @@ import functools
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PosInt = Annotated[int, Ge(1)]
 
@@ -25,7 +25,7 @@ class ServiceScaling(_Strict):
 
     workers: PosInt = 1
     timeout: PosInt = Field(300, description="Request timeout in seconds.")
-    max_concurrency: PosInt = Field(256, description="Requests in flight before 503/queueing.")
+    max_concurrency: PosInt = Field(512, description="Requests in flight before 503/queueing.")
     gpus: Annotated[int, Ge(0)] = Field(0, description="nvidia.com/gpu per worker (0 on CPU).")
     cpu: str = Field("1", description="CPU request per worker, Kubernetes style.")
     memory: str = Field("2Gi", description="Memory request per worker, Kubernetes style.")
@@ -46,14 +46,15 @@ class VisionConfig(ServiceScaling):
 
 
 class LLMConfig(ServiceScaling):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers"] = "transformers"
     max_num_seqs: PosInt = Field(32, description="Sequences decoded together (continuous batching).")
     max_model_len: PosInt = Field(2048, description="Prompt + generated tokens per sequence.")
     gpu_memory_utilization: Annotated[float, Ge(0.05), Le(1.0)] = 0.9
 
 
 class ImageLimits(_Strict):
-    max_images: Annotated[int, Ge(0)] = Field(4, description="Images per request.")
+    max_images: Annotated[int, Ge(0)] = Field(4, description="Images per generate request.")
+    max_embed_images: Annotated[int, Ge(0)] = Field(64, description="Images per embed request.")
     max_bytes: PosInt = Field(10 * 1024 * 1024, description="Encoded size of one image.")
     max_pixels: PosInt = Field(40_000_000, description="Width x height of one image.")
     allowed_url_domains: list[str] = Field(
@@ -79,6 +80,17 @@ class LMMConfig(_Strict):
     vision: VisionConfig = VisionConfig(gpus=1)
     llm: LLMConfig = LLMConfig(gpus=1)
     images: ImageLimits = ImageLimits()
+
+    @model_validator(mode="after")
+    def _fits(self) -> "LMMConfig":
+        if self.vision.batching.max_batch_size < self.images.max_images:
+            raise ValueError(
+                "vision.batching.max_batch_size must be >= images.max_images: one request's "
+                "images are encoded in one call"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        return self
 
     def resources(self, scaling: ServiceScaling) -> dict:
         res: dict = {"cpu": scaling.cpu, "memory": scaling.memory}

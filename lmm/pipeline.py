@@ -85,11 +85,10 @@ class Pipeline:
         self.llm = llm
 
     # -- pre-processing ------------------------------------------------------------------
-    def check_image_count(self, n: int) -> None:
-        if n > self.config.images.max_images:
-            raise BadRequest(
-                f"{n} images sent; at most {self.config.images.max_images} per request.", "images"
-            )
+    def check_image_count(self, n: int, embed: bool = False) -> None:
+        limit = self.config.images.max_embed_images if embed else self.config.images.max_images
+        if n > limit:
+            raise BadRequest(f"{n} images sent; at most {limit} per request.", "images")
 
     def build_prompt(self, messages: list[dict], images: Sequence[Image.Image]) -> Prompt:
         """Chat template + processor: token ids with image tokens expanded, and pixel values."""
@@ -209,24 +208,30 @@ class Pipeline:
 
     # -- embeddings ----------------------------------------------------------------------
     async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]):
-        self.check_image_count(len(images))
+        self.check_image_count(len(images), embed=True)
         text_vectors: list[list[float]] = []
         image_vectors: list[list[float]] = []
-        jobs = []
         if texts:
             tok = self.clip_processor.tokenizer
             limit = getattr(tok, "model_max_length", 77)
             ids = tok(list(texts), truncation=True, max_length=min(limit, 10_000))["input_ids"]
-            jobs.append(self.vision.embed_texts([list(map(int, row)) for row in ids]))
+            text_vectors = await self._in_batches(
+                self.vision.embed_texts, [list(map(int, row)) for row in ids]
+            )
         if images:
             pixels = self.clip_processor.image_processor(list(images), return_tensors="np")
-            jobs.append(self.vision.embed_images(np.asarray(pixels["pixel_values"], np.float32)))
-        results = await asyncio.gather(*jobs)
-        if texts:
-            text_vectors = [list(map(float, v)) for v in results.pop(0)]
-        if images:
-            image_vectors = [list(map(float, v)) for v in results.pop(0)]
+            image_vectors = await self._in_batches(
+                self.vision.embed_images, np.asarray(pixels["pixel_values"], np.float32)
+            )
         return text_vectors, image_vectors
+
+    async def _in_batches(self, call, items) -> list[list[float]]:
+        """One request may hold more items than the runner's max_batch_size: split it."""
+        size = self.config.vision.batching.max_batch_size
+        parts = await asyncio.gather(
+            *[call(items[i : i + size]) for i in range(0, len(items), size)]
+        )
+        return [list(map(float, v)) for part in parts for v in part]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

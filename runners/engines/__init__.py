@@ -10,8 +10,4 @@ def make_engine(backend: str, model_path: str, **kwargs) -> Engine:
         from runners.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(model_path, **kwargs)
-    if backend == "vllm":
-        from runners.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, **kwargs)
-    raise ValueError(f"unknown LLM backend {backend!r}; use 'transformers' or 'vllm'")
+    raise ValueError(f"unknown LLM backend {backend!r}; this build ships 'transformers'")
