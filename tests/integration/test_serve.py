@@ -174,3 +174,14 @@ def test_bad_input_gets_a_clear_4xx(url, case):
         r = httpx.post(url + "/generate", json=data, timeout=60)
     assert r.status_code == expect, r.text
     assert re.search(message, r.text), r.text
+
+
+def test_readme_first_example_answers_as_documented(url):
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"curl -s -F images=@(\S+) -F prompt=\"([^\"]+)\"", readme)
+    shown = re.search(r'"text": "([^"]+)"', readme)
+    image, prompt = command.groups()
+    r = ask(url, (ROOT / image).read_bytes(), prompt)
+    assert r.status_code == 200 and r.json()["text"] == shown.group(1)
