@@ -177,7 +177,7 @@ def test_bad_input_gets_a_clear_4xx(url, case):
 
 
 def test_readme_first_example_answers_as_documented(url):
-    from conftest import ROOT
+    from tests.conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"curl -s -F images=@(\S+) -F prompt=\"([^\"]+)\"", readme)

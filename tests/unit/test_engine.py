@@ -126,7 +126,7 @@ def test_closing_a_stream_frees_its_slot(llava_dir, hf):
         engine = TransformersEngine(str(llava_dir), "cpu", "float32", max_num_seqs=1)
         await engine.start()
         try:
-            stream = engine.generate("a", ids, None, SamplingParams(max_tokens=10_000 - len(ids),
+            stream = engine.generate("a", ids, None, SamplingParams(max_tokens=2048 - len(ids),
                                                                   ignore_eos=True))
             await anext(stream)
             await stream.aclose()  # the client went away mid-generation
