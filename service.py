@@ -17,6 +17,7 @@ from annotated_types import Ge, Le
 from lmm.config import load_config
 from lmm.errors import BadRequest
 from lmm.images import decode_base64, load_image
+from lmm.openai_api import app as openai_app
 from lmm.pipeline import Pipeline, error_payload, sse, user_messages
 from lmm.protocol import (
     Completion,
@@ -57,6 +58,7 @@ def _card(model, backend: str) -> ModelCard:
     traffic=CONFIG.traffic(CONFIG.api),
     labels={"project": "bento-lmm"},
 )
+@bentoml.asgi_app(openai_app, path="/v1")
 class LMMService:
     vision = bentoml.depends(VisionEncoder)
     llm = bentoml.depends(LLM)
