@@ -29,6 +29,7 @@ from lmm.protocol import (
     ModelCard,
     ModelInfo,
 )
+from lmm.upload_guard import UploadGuard
 from runners.llm import LLM
 from runners.vision import VisionEncoder
 
@@ -165,3 +166,11 @@ class LMMService:
         """Batch-size counters of the runner workers that answered (one per call)."""
         vision, llm = await asyncio.gather(self.vision.to_async.stats(), self.llm.to_async.stats())
         return {"vision": vision, "llm": llm}
+
+
+# Bound the buffered body by what the largest valid request can carry (base64 inflates by 4/3).
+LMMService.add_asgi_middleware(
+    UploadGuard, fields=("images",),
+    max_body=2 * CONFIG.images.max_bytes * max(CONFIG.images.max_images,
+                                                CONFIG.images.max_embed_images) + (1 << 20),
+)

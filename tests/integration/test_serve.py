@@ -185,3 +185,9 @@ def test_readme_first_example_answers_as_documented(url):
     image, prompt = command.groups()
     r = ask(url, (ROOT / image).read_bytes(), prompt)
     assert r.status_code == 200 and r.json()["text"] == shown.group(1)
+
+
+def test_a_url_in_the_upload_field_is_refused_not_fetched(url):
+    r = httpx.post(url + "/generate", files=[("x", ("x", b"", "text/plain"))],
+                   data={"prompt": "hi", "images": "http://example.com/cat.png"})
+    assert r.status_code == 400 and "images_b64" in r.json()["error"]

@@ -1,0 +1,70 @@
+"""Refuse text values in multipart file fields of the native API.
+
+BentoML downloads any text sent in a file field as a URL, before the handler runs: that would
+bypass ``images.allowed_url_domains`` and the size caps. Images are uploads or ``images_b64``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
+
+
+def text_file_fields(body: bytes, boundary: bytes, fields: frozenset[str]) -> list[str]:
+    """Names of ``fields`` parts sent without a filename (text, not a file)."""
+    bad = []
+    for headers in re.findall(b"--" + re.escape(boundary) + rb"\r\n(.*?)\r\n\r\n", body, re.S):
+        disposition = re.search(rb"content-disposition:[^\r\n]*", headers, re.I)
+        if not disposition:
+            continue
+        name = re.search(rb'name="([^"]*)"', disposition.group(0))
+        if name and name.group(1).decode() in fields and b"filename=" not in disposition.group(0):
+            bad.append(name.group(1).decode())
+    return bad
+
+
+class UploadGuard:
+    """ASGI middleware: 400 for multipart requests that put text into a file field."""
+
+    def __init__(self, app, fields: tuple[str, ...] = ("images",), max_body: int = 64 << 20):
+        self.app, self.fields, self.max_body = app, frozenset(fields), max_body
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        kind = headers.get(b"content-type", b"")
+        boundary = _BOUNDARY.search(kind) if kind.lower().startswith(b"multipart/") else None
+        if boundary is None:
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body:
+                return await _reject(send, 413, f"request body over {self.max_body} bytes")
+        body = b"".join(chunks)
+        bad = text_file_fields(body, boundary.group(1), self.fields)
+        if bad:
+            return await _reject(send, 400, f"field {bad[0]!r} takes uploaded files; send images "
+                                 "as files, or as base64 / data URLs in 'images_b64'")
+        await self.app(scope, _replay([{"type": "http.request", "body": body}]), send)
+
+
+def _replay(messages):
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _reject(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
