@@ -41,7 +41,7 @@ class UploadGuard:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                return await self.app(scope, _replay([message]), send)
+                return await self.app(scope, _replay([message], receive), send)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
@@ -52,14 +52,17 @@ class UploadGuard:
         if bad:
             return await _reject(send, 400, f"field {bad[0]!r} takes uploaded files; send images "
                                  "as files, or as base64 / data URLs in 'images_b64'")
-        await self.app(scope, _replay([{"type": "http.request", "body": body}]), send)
+        await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
 
 
-def _replay(messages):
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+def _replay(messages, receive):
+    """Hand the buffered body over again, then the real channel (a streaming response waits
+    on it for the client's disconnect: a fake one would end the stream at once)."""
 
-    return receive
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
 
 
 async def _reject(send, status: int, message: str) -> None:
