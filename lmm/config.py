@@ -8,6 +8,8 @@ traffic) are derived from it, so scaling is declared in one place.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
@@ -109,7 +111,17 @@ RUNNER_CONNECTION = {"max_requests": 1_000_000_000, "max_age": 1e9}
 
 @functools.cache
 def load_config() -> LMMConfig:
-    """The config given to ``bentoml serve/build --arg-file``; defaults outside BentoML."""
+    """The config given to ``bentoml serve/build --arg-file``; defaults outside BentoML.
+
+    ``LMM_CONFIG_FILE`` names a YAML file that replaces it at run time (the Kubernetes
+    ConfigMap): a built Bento's arguments are fixed at build time, and BentoML's per-service
+    start command (``start-http-server``) takes no ``--arg-file``.
+    """
+    path = os.environ.get("LMM_CONFIG_FILE")
+    if path:
+        import yaml
+
+        return LMMConfig(**(yaml.safe_load(Path(path).read_text()) or {}))
     import bentoml
 
     return bentoml.use_arguments(LMMConfig)

@@ -43,12 +43,13 @@ def save_to_store(name: str, directory: Path, labels: dict[str, str],
     try:
         model = bentoml.models.get(tag)
         logger.info("%s is already in the store (same weights)", tag)
-        return model
     except NotFound:
-        pass
-    meta = {"architecture": architecture(directory), "weights_sha256": weights_hash,
-            **(metadata or {})}
-    with bentoml.models.create(tag, labels=labels, metadata=meta) as model:
-        shutil.copytree(directory, model.path, dirs_exist_ok=True)
-    logger.info("saved %s (%s)", tag, meta["architecture"])
-    return bentoml.models.get(tag)
+        meta = {"architecture": architecture(directory), "weights_sha256": weights_hash,
+                **(metadata or {})}
+        with bentoml.models.create(tag, labels=labels, metadata=meta) as model:
+            shutil.copytree(directory, model.path, dirs_exist_ok=True)
+        logger.info("saved %s (%s)", tag, meta["architecture"])
+        model = bentoml.models.get(tag)
+    # `name:latest` must mean what was built last, also when an older entry was reused.
+    (Path(model.path).parent / "latest").write_text(model.tag.version)
+    return model
