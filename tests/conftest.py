@@ -72,10 +72,25 @@ class Server:
                 self.proc.wait()
 
 
+def server_home(bentoml_home: Path, where: Path) -> Path:
+    """A BENTOML_HOME of its own that shares the store's models and Bentos.
+
+    Every BentoML server empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, which
+    would wipe the metrics of any other server running on the same home.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    for shared in ("models", "bentos"):
+        (bentoml_home / shared).mkdir(exist_ok=True)
+        if not (where / shared).exists():
+            (where / shared).symlink_to(bentoml_home / shared)
+    return where
+
+
 def serve(bentoml_home: Path, log_dir: Path, config: str = "configs/test.yaml",
           extra: list[str] = ()) -> Server:
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+    home = server_home(bentoml_home, log_dir / f"home-{port}")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     cmd = [BENTOML, "serve", "service:LMMService", "--host", "127.0.0.1", "--port", str(port),
            "--arg-file", config, *extra]
     return Server(cmd, env, port, log_dir / f"serve-{port}.log")

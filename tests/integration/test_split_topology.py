@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from configs.k8s import CONFIG_PATH, PORT, SERVICES, load_config, render, service_url
-from tests.conftest import ROOT, Server, free_port
+from tests.conftest import ROOT, Server, free_port, server_home
 from tests.integration.test_bento_build import build
 
 pytestmark = pytest.mark.integration
@@ -60,8 +60,8 @@ def local_command(container: dict, ports: dict[str, int], bento_path: Path) -> l
     ]
 
 
-def local_env(container: dict, bentoml_home: Path, config_file: Path) -> dict:
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+def local_env(container: dict, home: Path, config_file: Path) -> dict:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     for var in container.get("env", []):
         if "value" in var:
             value = var["value"]
@@ -105,7 +105,7 @@ def split(bentoml_home, tmp_path_factory):
             print(spec.name, " ".join(cmd[1:]))
             servers[spec.name] = Server(
                 cmd,
-                local_env(container, bentoml_home, configmap),
+                local_env(container, server_home(bentoml_home, logs / spec.name), configmap),
                 ports[spec.name],
                 logs / f"{spec.name}.log",
             )
