@@ -235,6 +235,7 @@ def sampling(request: SamplingRequest, config: LMMConfig,
         top_k=request.top_k or 0,
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed,
+        ignore_eos=request.ignore_eos,
     )
     return params, [s for s in stop if s], n
 

@@ -88,6 +88,9 @@ class SamplingRequest(_Request):
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension: HF-style repetition penalty; 1 disables."
     )
+    ignore_eos: bool = Field(
+        False, description="Extension (as in vLLM): keep generating past end-of-sequence."
+    )
     user: str | None = Field(None, description="Accepted and ignored.")
 
 

@@ -129,15 +129,15 @@ def test_stop(oai, samples):
 
 def test_seed_reproducibility(oai):
     def sample(seed: int) -> str:
+        # The trained model answers its questions with near certainty; past its end-of-sequence
+        # (ignore_eos, an extension) the distribution is wide, so seeds must show there.
         return oai.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Tell me about zebras and tea."}],
-            max_tokens=16, temperature=1.0, seed=seed).choices[0].message.content
+            max_tokens=16, temperature=1.0, seed=seed, extra_body={"ignore_eos": True},
+        ).choices[0].message.content
 
     assert sample(11) == sample(11)
-    outputs = {sample(seed) for seed in range(20, 26)}
-    if len(outputs) == 1:  # a very confident model may answer alike under any seed
-        pytest.skip("six seeds gave one answer; cannot show that seeds differ")
-    assert len(outputs) > 1
+    assert len({sample(seed) for seed in range(20, 24)}) > 1
 
 
 def test_text_completions(oai, url):
