@@ -34,27 +34,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.shapes.train import train_clip, train_llava
 
     out = Path(args.out)
-    if args.steps > 0:
-        r = train_llava(args.steps, args.seed, out / "llava", progress=_progress("llava"))
-        print(f"llava: {r.params} params, {r.seconds:.1f}s -> {r.out_dir}")
+    clip_dir = out / "clip"
+    # CLIP first: LLaVA's vision tower starts from the trained CLIP tower, as in real LLaVA.
     if args.clip_steps > 0:
-        r = train_clip(args.clip_steps, args.seed, out / "clip", progress=_progress("clip"))
+        r = train_clip(args.clip_steps, args.seed, clip_dir, progress=_progress("clip"))
         print(f"clip: {r.params} params, {r.seconds:.1f}s -> {r.out_dir}")
+    if args.steps > 0:
+        vision_from = clip_dir if (clip_dir / "config.json").is_file() else None
+        if vision_from is None:
+            print(f"no CLIP checkpoint in {clip_dir}: LLaVA's vision tower starts from scratch")
+        r = train_llava(
+            args.steps,
+            args.seed,
+            out / "llava",
+            progress=_progress("llava"),
+            vision_from=vision_from,
+        )
+        print(f"llava: {r.params} params, {r.seconds:.1f}s -> {r.out_dir}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import httpx
+
     from models.shapes.evaluate import service_accuracy, service_retrieval_top1
 
     samples = make_samples(args.n, args.seed)
     ok = True
-    if not args.embed_only:
-        acc = service_accuracy(args.url, samples, args.concurrency, args.route)
-        ok = _report(f"{args.url} ({args.route}), {args.n} samples", acc, args.min)
-    if args.embed or args.embed_only:
-        top1 = service_retrieval_top1(args.url, samples)
-        print(f"  retrieval top-1 {top1:.3f}")
-        ok = ok and top1 >= args.min
+    try:
+        if not args.embed_only:
+            acc = service_accuracy(args.url, samples, args.concurrency, args.route)
+            ok = _report(f"{args.url} ({args.route}), {args.n} samples", acc, args.min)
+        if args.embed or args.embed_only:
+            top1 = service_retrieval_top1(args.url, samples)
+            print(f"  retrieval top-1 {top1:.3f}")
+            ok = ok and top1 >= args.min
+    except httpx.HTTPError as exc:
+        print(f"request to {args.url} failed: {exc!r}", file=sys.stderr)
+        return 2
     return 0 if ok else 1
 
 

@@ -82,7 +82,7 @@ def normalize_answer(text: str) -> str:
 def render(
     shape: str, color: str, position: str, size: int, rng: np.random.Generator
 ) -> Image.Image:
-    """Draw one shape on a `size`×`size` noisy grey background."""
+    """Draw one shape on a `size` x `size` noisy grey background."""
     grey = rng.uniform(100, 160)
     # Grey (channel-equal) noise keeps the background colourless, so colour only comes from
     # the shape.
@@ -91,9 +91,11 @@ def render(
     image = Image.fromarray(background)
 
     fx, fy = POSITIONS[position]
-    cx = (fx + rng.uniform(-0.05, 0.05)) * size
-    cy = (fy + rng.uniform(-0.05, 0.05)) * size
-    r = rng.uniform(0.13, 0.18) * size
+    cx = (fx + rng.uniform(-0.03, 0.03)) * size
+    cy = (fy + rng.uniform(-0.03, 0.03)) * size
+    # Radius 5.4-7 px at 32 px: smaller shapes leave circle/square/cross too few pixels apart
+    # for the 4-px patches (shape accuracy stalled around 70% at 4-6 px).
+    r = rng.uniform(0.17, 0.22) * size
     _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLORS[color])
     return image
 
@@ -114,7 +116,7 @@ def _draw_shape(
     elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
     elif shape == "cross":
-        w = r * 0.38
+        w = r * 0.3  # thin arms keep the cross distinct from a circle at 4-px patches
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
     else:

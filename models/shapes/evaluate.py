@@ -142,41 +142,51 @@ def service_answers(
     concurrency: int = 16,
     route: str = "native",
     timeout: float = 60.0,
+    transport: httpx.BaseTransport | None = None,
 ) -> list[str]:
+    """Ask every sample's question about its image; `transport` lets tests stub the server."""
     asks = {"native": _ask_native, "openai": _ask_openai}
     if route not in asks:
         raise ValueError(f"route must be one of {sorted(asks)}, not {route!r}")
     ask = asks[route]
     url = url.rstrip("/")
     limits = httpx.Limits(max_connections=concurrency)
-    with httpx.Client(timeout=timeout, limits=limits) as client:
-        # Concurrent requests so the server's batching is exercised, not just one-by-one calls.
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(lambda s: ask(client, url, s), samples))
+    # Concurrent requests so the server's batching is exercised, not just one-by-one calls.
+    with (
+        httpx.Client(timeout=timeout, limits=limits, transport=transport) as client,
+        ThreadPoolExecutor(max_workers=concurrency) as pool,
+    ):
+        return list(pool.map(lambda s: ask(client, url, s), samples))
 
 
 def service_accuracy(
-    url: str, samples: Sequence[Sample], concurrency: int = 16, route: str = "native"
+    url: str,
+    samples: Sequence[Sample],
+    concurrency: int = 16,
+    route: str = "native",
+    transport: httpx.BaseTransport | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy per question type of a running server."""
-    answers = service_answers(url, samples, concurrency, route)
+    answers = service_answers(url, samples, concurrency, route, transport=transport)
     for sample, text in zip(samples, answers, strict=True):
         logger.debug("%s | %s -> %r (want %r)", sample.qtype, sample.question, text, sample.answer)
     return _per_type(samples, answers)
 
 
 def service_retrieval_top1(
-    url: str, samples: Sequence[Sample], chunk: int = 64, timeout: float = 60.0
+    url: str,
+    samples: Sequence[Sample],
+    chunk: int = 64,
+    timeout: float = 60.0,
+    transport: httpx.BaseTransport | None = None,
 ) -> float:
     """Image->text top-1 over every caption, with embeddings from the server's /embed."""
     captions = all_captions()
     image_embs: list[list[float]] = []
     text_emb: np.ndarray | None = None
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, transport=transport) as client:
         for i in range(0, len(samples), chunk):
-            images = [
-                base64.b64encode(png_bytes(s.image)).decode() for s in samples[i : i + chunk]
-            ]
+            images = [base64.b64encode(png_bytes(s.image)).decode() for s in samples[i : i + chunk]]
             resp = client.post(
                 f"{url.rstrip('/')}/embed", json={"texts": captions, "images_b64": images}
             )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
+from models.shapes import CLIP_DIR, LLAVA_DIR
 from models.shapes.build import build_clip, build_llava, count_params
 from models.shapes.data import HELD_OUT_SEED, QUESTION_TYPES, Sample, random_sample
 
@@ -39,10 +41,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-def setup_torch(seed: int, threads: int = 2) -> None:
+@contextmanager
+def deterministic_torch(seed: int, threads: int = 2) -> Iterator[None]:
+    """Seeded, deterministic, fixed thread count; the process-wide settings are restored after
+    so that callers (a test session, say) are not left in deterministic mode."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
 
 
 def _check_seed(seed: int) -> None:
@@ -111,42 +122,24 @@ def llava_batch(
     }
 
 
-def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-
-
-def _log(step: int, steps: int, loss: float, start: float, progress: ProgressFn | None) -> None:
-    elapsed = time.perf_counter() - start
-    logger.info("step %d/%d loss %.4f elapsed %.1fs", step, steps, loss, elapsed)
-    if progress is not None:
-        progress(step, loss, elapsed)
-
-
-def train_llava(
-    steps: int = 3000,
-    seed: int = 0,
-    out_dir: str | Path = "models/shapes/weights/llava",
-    *,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    log_every: int = 100,
-    threads: int = 2,
-    progress: ProgressFn | None = None,
-) -> TrainResult:
-    _check_seed(seed)
-    setup_torch(seed, threads)
-    model, processor = build_llava(seed)
+def _fit(
+    model: torch.nn.Module,
+    step_loss: Callable[[np.random.Generator], torch.Tensor],
+    rng: np.random.Generator,
+    steps: int,
+    lr: float,
+    log_every: int,
+    progress: ProgressFn | None,
+) -> tuple[list[float], float]:
+    """AdamW with warm-up + cosine decay and gradient clipping; returns (losses, seconds)."""
     model.train()
-    rng = np.random.default_rng(seed)
-    opt = _optimizer(model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, steps, warmup=min(100, steps // 10 + 1))
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(100, steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        batch = llava_batch(processor, _samples(rng, batch_size), rng)
-        loss = model(**batch).loss
+        loss = step_loss(rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,11 +147,53 @@ def train_llava(
         sched.step()
         losses.append(loss.item())
         if step % log_every == 0 or step == steps:
-            _log(step, steps, float(np.mean(losses[-log_every:])), start, progress)
-    seconds = time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            recent = float(np.mean(losses[-log_every:]))
+            logger.info("step %d/%d loss %.4f elapsed %.1fs", step, steps, recent, elapsed)
+            if progress is not None:
+                progress(step, recent, elapsed)
     model.eval()
+    return losses, time.perf_counter() - start
+
+
+def train_llava(
+    steps: int = 3000,
+    seed: int = 0,
+    out_dir: str | Path = LLAVA_DIR,
+    *,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    log_every: int = 100,
+    threads: int = 2,
+    progress: ProgressFn | None = None,
+    vision_from: str | Path | None = None,
+) -> TrainResult:
+    """Train a tiny LLaVA and save model + processor to `out_dir`.
+
+    `vision_from` is a saved CLIP directory whose vision tower initialises LLaVA's, as real
+    LLaVA starts from a pretrained CLIP. From scratch the 2-layer ViT learns shapes slowly and
+    unreliably (94-99 % shape accuracy after 3,000 steps, varying run to run); from the trained
+    CLIP tower the loss is ~0.01 after 1,000 steps.
+    """
+    _check_seed(seed)
+    with deterministic_torch(seed, threads):
+        model, processor = build_llava(seed)
+        if vision_from is not None:
+            copy_vision_tower(model, CLIPModel.from_pretrained(vision_from))
+            logger.info("vision tower initialised from %s", vision_from)
+
+        def step_loss(rng: np.random.Generator) -> torch.Tensor:
+            return model(**llava_batch(processor, _samples(rng, batch_size), rng)).loss
+
+        rng = np.random.default_rng(seed)
+        losses, seconds = _fit(model, step_loss, rng, steps, lr, log_every, progress)
     _save(model, processor, Path(out_dir))
     return TrainResult(Path(out_dir), count_params(model), seconds, losses)
+
+
+def copy_vision_tower(model: LlavaForConditionalGeneration, clip: CLIPModel) -> None:
+    """Load CLIP's vision tower into LLaVA's (the same CLIPVisionConfig by construction)."""
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
 
 
 def clip_loss(model: CLIPModel, processor: CLIPProcessor, samples: list[Sample]) -> torch.Tensor:
@@ -172,9 +207,8 @@ def clip_loss(model: CLIPModel, processor: CLIPProcessor, samples: list[Sample])
     target = torch.tensor([index[s.caption] for s in samples])
     text = processor.tokenizer(captions, padding=True, return_tensors="pt")
     pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")
-    out = model(**text, pixel_values=pixels["pixel_values"])
-    logits = out.logits_per_image  # (images, captions), already scaled
-    image_loss = F.cross_entropy(logits, target)
+    logits = model(**text, pixel_values=pixels["pixel_values"]).logits_per_image
+    image_loss = F.cross_entropy(logits, target)  # rows: images, columns: distinct captions
     positives = F.one_hot(target, len(captions)).T.float()  # (captions, images)
     text_loss = torch.sum(
         -positives / positives.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1), dim=1
@@ -185,37 +219,24 @@ def clip_loss(model: CLIPModel, processor: CLIPProcessor, samples: list[Sample])
 def train_clip(
     steps: int = 1200,
     seed: int = 0,
-    out_dir: str | Path = "models/shapes/weights/clip",
+    out_dir: str | Path = CLIP_DIR,
     *,
     batch_size: int = 128,
-    lr: float = 3e-3,
+    lr: float = 2e-3,
     log_every: int = 100,
     threads: int = 2,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
+    """Train a fresh tiny CLIP and save model + processor to `out_dir`."""
     _check_seed(seed)
-    setup_torch(seed, threads)
-    model, processor = build_clip(seed)
-    model.train()
-    rng = np.random.default_rng(seed)
-    opt = _optimizer(model, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, steps, warmup=min(100, steps // 10 + 1))
-    )
-    losses: list[float] = []
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        loss = clip_loss(model, processor, _samples(rng, batch_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
-            _log(step, steps, float(np.mean(losses[-log_every:])), start, progress)
-    seconds = time.perf_counter() - start
-    model.eval()
+    with deterministic_torch(seed, threads):
+        model, processor = build_clip(seed)
+
+        def step_loss(rng: np.random.Generator) -> torch.Tensor:
+            return clip_loss(model, processor, _samples(rng, batch_size))
+
+        rng = np.random.default_rng(seed)
+        losses, seconds = _fit(model, step_loss, rng, steps, lr, log_every, progress)
     _save(model, processor, Path(out_dir))
     return TrainResult(Path(out_dir), count_params(model), seconds, losses)
 

@@ -3,9 +3,17 @@ preprocessing, a smoke run of both trainers, and determinism of the synthetic da
 
 from __future__ import annotations
 
+import base64
+import importlib.util
+import io
+import json
+import threading
 from collections import Counter
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -19,14 +27,28 @@ from transformers import (
 )
 
 from models.shapes import CLIP_DIR, LLAVA_DIR
-from models.shapes.build import NUM_IMAGE_TOKENS
-from models.shapes.data import HELD_OUT_SEED, QUESTION_TYPES, make_samples, normalize_answer
-from models.shapes.evaluate import clip_retrieval_top1, llava_accuracy, user_messages
-from models.shapes.train import train_clip, train_llava
+from models.shapes.build import NUM_IMAGE_TOKENS, build_clip, build_llava
+from models.shapes.data import (
+    HELD_OUT_SEED,
+    QUESTION_TYPES,
+    Sample,
+    make_samples,
+    normalize_answer,
+)
+from models.shapes.evaluate import (
+    clip_retrieval_top1,
+    llava_accuracy,
+    llava_generate,
+    service_accuracy,
+    service_retrieval_top1,
+    user_messages,
+)
+from models.shapes.train import copy_vision_tower, train_clip, train_llava
 
 pytestmark = pytest.mark.unit
 
-PER_TYPE = 60
+# 100 per type: one unlucky sample must not decide a 98 % threshold.
+PER_TYPE = 100
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +58,6 @@ def samples():
 
 @pytest.fixture(scope="module")
 def llava():
-    torch.set_num_threads(2)
     model = LlavaForConditionalGeneration.from_pretrained(LLAVA_DIR)
     return model.eval(), AutoProcessor.from_pretrained(LLAVA_DIR)
 
@@ -62,8 +83,9 @@ def test_clip_held_out_retrieval(samples):
 def test_processor_loads_like_a_hub_checkpoint(llava):
     model, processor = llava
     assert isinstance(processor, LlavaProcessor)
-    # The PIL backend: no torchvision needed.
-    assert isinstance(processor.image_processor, CLIPImageProcessorPil)
+    # Without torchvision AutoProcessor must fall back to the PIL backend instead of failing.
+    if importlib.util.find_spec("torchvision") is None:
+        assert isinstance(processor.image_processor, CLIPImageProcessorPil)
     assert processor.image_token_id == model.config.image_token_id
     prompt = processor.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, *user_messages("What shape is this?")],
@@ -81,7 +103,7 @@ def test_tokenizer_survives_arbitrary_text(llava):
     ids = tok("Qu'est-ce que c'est? 🙂 What SHAPE is this?")["input_ids"]
     assert tok.unk_token_id in ids and max(ids) < len(tok)
     answer = tok("a red circle on the left", add_special_tokens=False)["input_ids"]
-    assert tok.decode(answer + [tok.eos_token_id], skip_special_tokens=True) == (
+    assert tok.decode([*answer, tok.eos_token_id], skip_special_tokens=True) == (
         "a red circle on the left"
     )
 
@@ -110,6 +132,12 @@ def _rotated_in_batch(processor):
     ].roll(1, dims=0)
 
 
+# Measured on the committed weights (400 held-out samples; shape/color/position/describe):
+#   no normalisation  0.67 / 0.67 / 0.66 / 0.28
+#   BGR               0.90 / 0.29 / 0.99 / 0.36  (red<->blue etc.: only colour breaks)
+#   rotated in batch  0.23 / 0.20 / 0.18 / 0.01
+# Asserted are the types that also stayed below 0.8 for an independently trained model, so a
+# retrain does not turn this into a coin flip; colour and describe are always among them.
 @pytest.mark.parametrize(
     ("breakage", "affected"),
     [
@@ -126,6 +154,78 @@ def test_broken_preprocessing_is_detected(llava, samples, baseline, breakage, af
         assert broken[qtype] < 0.8, (qtype, broken, baseline)
 
 
+# -- the HTTP client, against an in-process stand-in for the server ------------------------
+
+
+def _form_fields(request: httpx.Request) -> dict[str, bytes]:
+    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+    message = BytesParser(policy=policy.default).parsebytes(head + request.read())
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.iter_parts()
+    }
+
+
+@pytest.fixture(scope="module")
+def stub_server(llava):
+    """The server's contract (routes, field names, response JSON) served by the HF models."""
+    model, processor = llava
+    clip = CLIPModel.from_pretrained(CLIP_DIR).eval()
+    clip_processor = AutoProcessor.from_pretrained(CLIP_DIR)
+    lock = threading.Lock()  # the client sends concurrently; the models are shared
+
+    def answer(png: bytes, question: str) -> str:
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        with lock:
+            return llava_generate(model, processor, [Sample(image, question, "", "", "")])[0]
+
+    def embed(texts: list[str], images: list[Image.Image]) -> dict[str, list]:
+        with lock, torch.inference_mode():
+            t = clip.get_text_features(
+                **clip_processor.tokenizer(texts, padding=True, return_tensors="pt")
+            )
+            pixels = clip_processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            i = clip.get_image_features(pixel_values=pixels)
+        t, i = t.pooler_output, i.pooler_output
+        return {
+            "text_embeddings": (t / t.norm(dim=1, keepdim=True)).tolist(),
+            "image_embeddings": (i / i.norm(dim=1, keepdim=True)).tolist(),
+        }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate":
+            form = _form_fields(request)
+            assert int(form["max_tokens"]) >= 8
+            return httpx.Response(
+                200, json={"text": answer(form["images"], form["prompt"].decode())}
+            )
+        body = json.loads(request.content)
+        if request.url.path == "/v1/chat/completions":
+            image_part, text_part = body["messages"][0]["content"]
+            png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
+            message = {"role": "assistant", "content": answer(png, text_part["text"])}
+            return httpx.Response(200, json={"choices": [{"index": 0, "message": message}]})
+        assert request.url.path == "/embed"
+        images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body["images_b64"]]
+        return httpx.Response(200, json=embed(body["texts"], [im.convert("RGB") for im in images]))
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("route", ["native", "openai"])
+def test_service_accuracy_client(stub_server, route):
+    samples = make_samples(40, HELD_OUT_SEED + 2)
+    acc = service_accuracy(
+        "http://stub", samples, concurrency=4, route=route, transport=stub_server
+    )
+    assert acc == {qtype: 1.0 for qtype in QUESTION_TYPES}
+
+
+def test_service_retrieval_client(stub_server):
+    samples = make_samples(40, HELD_OUT_SEED + 3)
+    assert service_retrieval_top1("http://stub/", samples, chunk=16, transport=stub_server) == 1.0
+
+
 # -- the trainers still run ----------------------------------------------------------------
 
 
@@ -133,20 +233,35 @@ def _decreases(losses: list[float]) -> bool:
     return float(np.mean(losses[-5:])) < 0.8 * float(np.mean(losses[:5]))
 
 
-def test_llava_trainer_smoke(tmp_path: Path):
-    result = train_llava(30, seed=1, out_dir=tmp_path, batch_size=8, log_every=10)
-    assert len(result.losses) == 30 and _decreases(result.losses), result.losses
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
-    processor = AutoProcessor.from_pretrained(tmp_path)
+def test_trainers_smoke(tmp_path: Path):
+    # Same order as `python -m models.shapes train`: CLIP, then LLaVA on CLIP's vision tower.
+    clip = train_clip(30, seed=1, out_dir=tmp_path / "clip", batch_size=16, log_every=10)
+    assert len(clip.losses) == 30 and _decreases(clip.losses), clip.losses
+    clip_model = CLIPModel.from_pretrained(tmp_path / "clip")
+    clip_processor = AutoProcessor.from_pretrained(tmp_path / "clip")
+    clip_retrieval_top1(clip_model, clip_processor, make_samples(4, 2))
+
+    llava = train_llava(
+        30,
+        seed=1,
+        out_dir=tmp_path / "llava",
+        batch_size=8,
+        log_every=10,
+        vision_from=tmp_path / "clip",
+    )
+    assert len(llava.losses) == 30 and _decreases(llava.losses), llava.losses
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava")
     assert model.config.image_token_id == processor.image_token_id
     assert llava_accuracy(model, processor, make_samples(4, 2))  # generates end to end
 
 
-def test_clip_trainer_smoke(tmp_path: Path):
-    result = train_clip(30, seed=1, out_dir=tmp_path, batch_size=16, log_every=10)
-    assert len(result.losses) == 30 and _decreases(result.losses), result.losses
-    model = CLIPModel.from_pretrained(tmp_path)
-    clip_retrieval_top1(model, AutoProcessor.from_pretrained(tmp_path), make_samples(4, 2))
+def test_vision_tower_starts_from_clip():
+    clip, _ = build_clip(seed=4)
+    llava, _ = build_llava(seed=5)
+    copy_vision_tower(llava, clip)
+    for name, tensor in clip.vision_model.state_dict().items():
+        assert torch.equal(llava.model.vision_tower.state_dict()[name], tensor), name
 
 
 def test_training_is_deterministic(tmp_path: Path):
