@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 from collections import defaultdict
@@ -115,10 +116,10 @@ def _ask_native(client: httpx.Client, url: str, sample: Sample) -> str:
     return str(resp.json()["text"])
 
 
-def _ask_openai(client: httpx.Client, url: str, sample: Sample) -> str:
+def _ask_openai(client: httpx.Client, url: str, sample: Sample, model: str = "") -> str:
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes(sample.image)).decode()
     body = {
-        "model": "shapes",
+        "model": model,
         "messages": [
             {
                 "role": "user",
@@ -156,6 +157,10 @@ def service_answers(
         httpx.Client(timeout=timeout, limits=limits, transport=transport) as client,
         ThreadPoolExecutor(max_workers=concurrency) as pool,
     ):
+        if route == "openai":  # the served chat model's name, as an OpenAI client finds it
+            listed = client.get(f"{url}/v1/models").raise_for_status().json()["data"]
+            model = next(m["id"] for m in listed if m.get("kind", "chat") == "chat")
+            ask = functools.partial(_ask_openai, model=model)
         return list(pool.map(lambda s: ask(client, url, s), samples))
 
 

@@ -23,3 +23,10 @@ def test_embedding_retrieval_through_the_service(url):
     top1 = service_retrieval_top1(url, samples)
     print("service retrieval top-1:", top1)
     assert top1 >= 0.98
+
+
+def test_held_out_questions_through_the_openai_route(url):
+    samples = make_samples(120, seed=HELD_OUT_SEED + 2)
+    accuracy = service_accuracy(url, samples, concurrency=32, route="openai")
+    print("openai route accuracy:", accuracy)
+    assert all(v >= 0.98 for v in accuracy.values()), accuracy

@@ -199,8 +199,12 @@ def stub_server(llava):
             return httpx.Response(
                 200, json={"text": answer(form["images"], form["prompt"].decode())}
             )
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "clip", "kind": "embedding"},
+                                                      {"id": "shapes-llava", "kind": "chat"}]})
         body = json.loads(request.content)
         if request.url.path == "/v1/chat/completions":
+            assert body["model"] == "shapes-llava"
             image_part, text_part = body["messages"][0]["content"]
             png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
             message = {"role": "assistant", "content": answer(png, text_part["text"])}
