@@ -16,7 +16,7 @@ from annotated_types import Ge, Le
 
 from lmm.config import load_config
 from lmm.errors import BadRequest
-from lmm.images import decode_base64, load_image
+from lmm.images import check_size, decode_base64, load_image
 from lmm.openai_api import app as openai_app
 from lmm.pipeline import Pipeline, error_payload, sse, user_messages
 from lmm.protocol import (
@@ -82,8 +82,7 @@ class LMMService:
         limits = CONFIG.images
         images = []
         for path in uploads:
-            if path.stat().st_size > limits.max_bytes:
-                load_image(b"\0" * (limits.max_bytes + 1), limits)  # raises the 413
+            check_size(path.stat().st_size, limits, "images")
             images.append(load_image(path.read_bytes(), limits, "images"))
         images += [load_image(decode_base64(v, limits), limits, "images_b64") for v in encoded]
         return images

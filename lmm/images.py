@@ -41,10 +41,15 @@ def _too_large(limits: ImageLimits) -> str:
     return f"image is larger than the {limits.max_bytes} byte limit; resize or recompress it."
 
 
+def check_size(size: int, limits: ImageLimits, param: str = "images") -> None:
+    """413 for an encoded image over the byte limit (checked before it is read)."""
+    if size > limits.max_bytes:
+        raise PayloadTooLarge(_too_large(limits), param)
+
+
 def load_image(data: bytes, limits: ImageLimits, param: str = "images") -> Image.Image:
     """Decode one image into RGB, refusing non-images, truncated files and oversized inputs."""
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(_too_large(limits), param)
+    check_size(len(data), limits, param)
     if not data:
         raise BadRequest("image is empty.", param)
     try:
