@@ -15,10 +15,10 @@ import bentoml
 from annotated_types import Ge, Le
 
 from lmm.config import load_config
-from lmm.errors import BadRequest
+from lmm.errors import BadRequest, error_response
 from lmm.images import check_size, decode_base64, load_image
 from lmm.openai_api import app as openai_app
-from lmm.pipeline import Pipeline, error_payload, sse, user_messages
+from lmm.pipeline import Pipeline, sse, user_messages
 from lmm.protocol import (
     Completion,
     EmbedInput,
@@ -127,7 +127,7 @@ class LMMService:
                                  "total_tokens": prompt_tokens + sum(completion)}})
         except Exception as exc:  # once streaming, an error can only be an event
             logger.exception("stream failed")
-            yield sse(error_payload(exc))
+            yield sse(error_response(exc)[1])
         yield sse("[DONE]")
 
     @bentoml.api(route="/embed", input_spec=EmbedInput)

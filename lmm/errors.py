@@ -37,3 +37,17 @@ class NotFoundError(LMMError):
 class Overloaded(LMMError):
     error_code = HTTPStatus.SERVICE_UNAVAILABLE
     error_type = "server_error"
+
+
+def error_response(exc: BaseException) -> tuple[int, dict]:
+    """HTTP status and OpenAI-shaped body for an exception; internals are never shown."""
+    if isinstance(exc, LMMError):
+        status, message, kind = int(exc.error_code), exc.message, exc.error_type
+        param, code = exc.param, getattr(exc, "code", None)
+    elif isinstance(exc, BentoMLException) and 400 <= int(exc.error_code) < 500:
+        status, message, kind, param, code = (
+            int(exc.error_code), str(exc), "invalid_request_error", None, None)
+    else:
+        status, message, kind, param, code = (
+            500, "internal error; see the server log", "server_error", None, None)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from lmm.config import LMMConfig
-from lmm.errors import BadRequest, LMMError, NotFoundError
+from lmm.errors import BadRequest, NotFoundError, error_response
 from lmm.fetch import ImageFetcher
 from lmm.images import decode_base64, load_image
 from lmm.openai_protocol import (
@@ -121,20 +121,6 @@ def service_backend() -> Backend:
 
 
 # -- errors --------------------------------------------------------------------------------
-def error_response(exc: BaseException) -> tuple[int, dict]:
-    """HTTP status and OpenAI-shaped body for an exception; internals are never shown."""
-    if isinstance(exc, LMMError):
-        status, message, kind = int(exc.error_code), exc.message, exc.error_type
-        param, code = exc.param, getattr(exc, "code", None)
-    elif isinstance(exc, BentoMLException) and 400 <= int(exc.error_code) < 500:
-        status, message, kind, param, code = (
-            int(exc.error_code), str(exc), "invalid_request_error", None, None)
-    else:
-        status, message, kind, param, code = (
-            500, "internal error; see the server log", "server_error", None, None)
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def _json_error(exc: BaseException) -> JSONResponse:
     status, body = error_response(exc)
     return JSONResponse(body, status_code=status)

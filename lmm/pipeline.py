@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from lmm.config import LMMConfig
-from lmm.errors import BadRequest, LMMError, Overloaded
+from lmm.errors import BadRequest, Overloaded
 from lmm.postprocess import IncrementalDetokenizer, StopStrings
 from lmm.protocol import EngineOutput, FinishReason, SamplingParams, Usage
 
@@ -243,12 +243,3 @@ def sse(payload: dict | str) -> str:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
-
-
-def error_payload(exc: BaseException) -> dict:
-    """The OpenAI-style error body; internals of unexpected errors are not shown."""
-    if isinstance(exc, LMMError):
-        return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
-                          "code": int(exc.error_code)}}
-    return {"error": {"message": "internal error; see the server log", "type": "server_error",
-                      "param": None, "code": 500}}
