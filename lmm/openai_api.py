@@ -282,6 +282,22 @@ async def _with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
     yield sse("[DONE]")
 
 
+def run_head(prefix: str, request: SamplingRequest, backend: Backend) -> dict:
+    """The fields every completion object and chunk of one run share."""
+    return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
+                model=request.model, system_fingerprint=backend.chat_model.tag)
+
+
+async def stream_response(events: Callable[..., AsyncIterator[str]], head: dict,
+                          request: SamplingRequest, backend: Backend, prompt: Prompt,
+                          run: tuple[SamplingParams, list[str], int]) -> StreamingResponse:
+    """SSE of one run: chat or text chunks, usage last when asked, errors as a final event."""
+    params, stop, n = run
+    deltas = await _primed(backend.pipeline.stream(prompt, params, stop, n))
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return _event_stream(_with_errors(events(deltas, head, prompt, n, include_usage)))
+
+
 def _dump(model: Any) -> str:
     return sse(model.model_dump(mode="json"))
 
@@ -313,9 +329,6 @@ def create_app(get_backend: Callable[[], Backend] = service_backend) -> FastAPI:
         logger.exception("request failed", exc_info=exc)
         return _json_error(exc)
 
-    def ids(prefix: str) -> tuple[str, int]:
-        return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
-
     @app.get("/models", response_model=ModelList)
     async def list_models(backend: Backend = Depends(get_backend)) -> ModelList:
         """The served chat model and the embedding model."""
@@ -338,13 +351,10 @@ def create_app(get_backend: Callable[[], Backend] = service_backend) -> FastAPI:
         messages, refs = to_hf_messages(request.messages)
         images = await load_images(refs, backend)
         prompt = await asyncio.to_thread(backend.pipeline.build_prompt, messages, images)
-        cid, created = ids("chatcmpl")
-        head = dict(id=cid, created=created, model=request.model,
-                    system_fingerprint=backend.chat_model.tag)
+        head = run_head("chatcmpl", request, backend)
         if request.stream:
-            deltas = await _primed(backend.pipeline.stream(prompt, params, stop, n))
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return _event_stream(_with_errors(_chat_events(deltas, head, prompt, n, include_usage)))
+            return await stream_response(_chat_events, head, request, backend, prompt,
+                                         (params, stop, n))
         texts, reasons, used = await backend.pipeline.complete(prompt, params, stop, n)
         choices = [ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -367,13 +377,10 @@ def create_app(get_backend: Callable[[], Backend] = service_backend) -> FastAPI:
         params, stop, n = sampling(request, backend.config)
         prompt = await asyncio.to_thread(
             backend.pipeline.build_prompt, user_messages(prompts[0], 0), [])
-        cid, created = ids("cmpl")
-        head = dict(id=cid, created=created, model=request.model,
-                    system_fingerprint=backend.chat_model.tag)
+        head = run_head("cmpl", request, backend)
         if request.stream:
-            deltas = await _primed(backend.pipeline.stream(prompt, params, stop, n))
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return _event_stream(_with_errors(_text_events(deltas, head, prompt, n, include_usage)))
+            return await stream_response(_text_events, head, request, backend, prompt,
+                                         (params, stop, n))
         texts, reasons, used = await backend.pipeline.complete(prompt, params, stop, n)
         choices = [CompletionChoice(index=i, text=t, finish_reason=r)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
