@@ -246,10 +246,6 @@ class TransformersEngine:
             s.length += 1
         return self.lm_head(out.last_hidden_state[:, -1, :]).float(), out.past_key_values, mask
 
-    @staticmethod
-    def _layers(cache):
-        return cache.layers
-
     def _merge(self, cache, mask, new_cache, new_mask):
         """Stack the running batch and the newly prefilled rows, left-padding the shorter."""
         import torch
@@ -263,7 +259,7 @@ class TransformersEngine:
             return t if n == 0 else F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
 
         a, b = width - mask.shape[1], width - new_mask.shape[1]
-        for old, new in zip(self._layers(cache), self._layers(new_cache)):
+        for old, new in zip(cache.layers, new_cache.layers):
             old.keys = torch.cat([pad(old.keys, a), pad(new.keys, b)], 0)
             old.values = torch.cat([pad(old.values, a), pad(new.values, b)], 0)
         return cache, torch.cat([pad(mask, a), pad(new_mask, b)], 0)
@@ -277,7 +273,7 @@ class TransformersEngine:
         index = torch.tensor(keep, device=self.device)
         mask = mask[index]
         lead = int((mask.cumsum(-1) == 0).sum(-1).min())
-        for layer in self._layers(cache):
+        for layer in cache.layers:
             layer.keys = layer.keys[index, :, lead:]
             layer.values = layer.values[index, :, lead:]
         return cache, mask[:, lead:]
