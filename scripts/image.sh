@@ -5,7 +5,8 @@
 #                    [--rebuild-base] [--base-only]
 #   ./dev image ...        (the same, after ./dev's setup and model build)
 #
-#   1. tools        apt-get install buildah debootstrap when missing (needs root)
+#   1. tools        scripts/system-deps.sh image: buildah, debootstrap, debian-archive-keyring
+#                   installed with apt-get when missing (needs root)
 #   2. base image   localhost/bento-lmm-base:bookworm: debootstrap bookworm minbase (Debian's
 #                   python3 is 3.11), the host CA bundle (PyPI is reached through a TLS-intercepting
 #                   proxy), uv. Made once and reused while its recipe (this script's settings and
@@ -16,7 +17,7 @@
 #                   torch wheel is bind-mounted at /wheels for the build only (bentofile.yaml
 #                   python.find_links), so the multi-GB CUDA build of torch is never pulled.
 #   5. report       image id, size and tags (IMAGE:TAG and IMAGE:latest); --export PATH writes an
-#                   OCI archive (load it with `podman load -i PATH` or `skopeo copy oci-archive:...`).
+#                   OCI archive (load it with `buildah pull oci-archive:PATH` or `skopeo copy oci-archive:...`).
 #
 # Environment: BENTOML_HOME (stores), BENTOML (bentoml executable), TORCH_WHEEL (the CPU wheel;
 # otherwise searched in $PIP_FIND_LINKS and /opt/wheels), DEBIAN_MIRROR, HOST_CA_BUNDLE,
@@ -84,17 +85,9 @@ trap cleanup EXIT
 # -- 1. tools --------------------------------------------------------------------------------
 ensure_tools() {
   [ "$(id -u)" = 0 ] || die "run as root: debootstrap and chroot-isolated builds need it"
-  local missing=()
-  command -v buildah >/dev/null || missing+=(buildah)
-  command -v debootstrap >/dev/null || missing+=(debootstrap)
-  [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]} (apt-get) ..."
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
-      >/dev/null
-  fi
-  log "tools: $(buildah --version), debootstrap $(dpkg-query -W -f '${Version}' debootstrap)"
+  # The one list of the image path's system packages (installed when missing).
+  bash "$ROOT/scripts/system-deps.sh" image | sed 's/^\[deps\]/[image] tools:/' >&2 \
+    || die "could not install the image tools (scripts/system-deps.sh image)"
 }
 
 # -- 2. base image ---------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tarfile
@@ -42,12 +41,17 @@ def buildah(*args: str, check: bool = True) -> str:
     ).stdout.strip()
 
 
+def image_bytes(image: str) -> int:
+    """Unpacked size of a local image: its config plus its layers, from the manifest buildah
+    stores (the figure `buildah images` rounds for display)."""
+    manifest = json.loads(json.loads(buildah("inspect", "--type", "image", image))["Manifest"])
+    return manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"])
+
+
 @pytest.fixture(scope="module")
 def built_image(bentoml_home, tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("needs root: debootstrap and chroot-isolated buildah")
-    if not shutil.which("buildah") and not shutil.which("apt-get"):
-        pytest.skip("needs buildah (or apt-get to install it)")
     work = tmp_path_factory.mktemp("image")
     archive = work / "bento-lmm.oci.tar"
     env = {
@@ -134,14 +138,7 @@ def test_cpu_torch_and_size(built_image):
     assert torch_version.endswith("+cpu"), torch_version
     assert python.startswith("3.11.")
     assert cuda_packages == "[]"  # no CUDA runtime wheels (nvidia-ml-py is BentoML's, tiny)
-    size = int(
-        subprocess.run(
-            ["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    size = image_bytes(IMAGE)
     print(f"image size: {size / 1e9:.2f} GB")
     assert size < MAX_IMAGE_BYTES
 
