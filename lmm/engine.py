@@ -1,4 +1,4 @@
-"""The interface every LLM backend implements (transformers on CPU/GPU, vLLM on GPU).
+"""The interface every LLM backend implements (vLLM on GPU or CPU, transformers as reference).
 
 Serving logic takes an engine as an argument, so the runner works with either backend and
 tests can drive the runner with a small engine of the same shape.
@@ -6,6 +6,9 @@ tests can drive the runner with a small engine of the same shape.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Protocol
 
 import numpy as np
@@ -29,9 +32,57 @@ class Engine(Protocol):
         image_features: np.ndarray | None,
         params: SamplingParams,
     ) -> AsyncIterator[EngineOutput]:
-        """Stream one sequence. ``image_features`` [n_image_tokens, hidden] fill the prompt's
-        image-token positions in order. Closing the iterator aborts the sequence."""
+        """Stream one sequence. ``image_features`` [n_images, tokens, hidden] fill the prompt's
+        image-token positions in order. Closing the iterator aborts the sequence. A request the
+        engine refuses (too long, features of the wrong shape) raises ValueError."""
+
+    def healthy(self) -> bool:
+        """False once the engine cannot serve (its loop or process died)."""
+
+    def running(self) -> int:
+        """Sequences in the engine now (running or waiting for a batch slot)."""
 
     def stats(self) -> dict[int, int]:
         """Histogram of decode batch sizes run so far."""
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    image_token_id: int | None
+    hidden_size: int
+    eos_ids: frozenset[int]
+
+
+def read_generation_info(model_path: str | Path) -> GenerationInfo:
+    """What request validation needs from a checkpoint, read from its JSON files (no weights)."""
+    path = Path(model_path)
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config", config)
+    eos = config.get("eos_token_id", text.get("eos_token_id"))
+    generation = path / "generation_config.json"
+    if generation.exists():
+        eos = json.loads(generation.read_text()).get("eos_token_id", eos)
+    eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    image_token = config.get("image_token_id", config.get("image_token_index"))
+    return GenerationInfo(image_token, int(text["hidden_size"]), frozenset(eos_ids))
+
+
+def validate_request(prompt_ids: list[int], features: np.ndarray | None, params: SamplingParams,
+                     image_token_id: int | None, hidden_size: int, max_model_len: int) -> None:
+    """The checks every engine makes before it accepts a sequence (ValueError: client fault)."""
+    n_image_tokens = sum(1 for t in prompt_ids if t == image_token_id)
+    if features is not None and features.size and features.ndim != 3:
+        raise ValueError(f"image features must be [images, tokens, hidden], got {features.shape}")
+    n_features = 0 if features is None or not features.size else features.shape[0] * features.shape[1]
+    if n_image_tokens != n_features:
+        raise ValueError(
+            f"prompt has {n_image_tokens} image tokens but {n_features} feature rows were sent"
+        )
+    if n_features and features.shape[-1] != hidden_size:
+        raise ValueError(f"image features have width {features.shape[-1]}, not {hidden_size}")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+            f"max_model_len {max_model_len}"
+        )
 

