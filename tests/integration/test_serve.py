@@ -81,7 +81,7 @@ def test_openapi_lists_every_endpoint_and_swagger_ui_is_served(url):
     assert ui.status_code == 200 and "swagger" in ui.text.lower()
 
 
-def test_model_info_names_the_store_versions(url, bentoml_home):
+def test_model_info_names_the_store_versions(server, url, bentoml_home):
     import os
     import subprocess
     import sys
@@ -95,6 +95,7 @@ def test_model_info_names_the_store_versions(url, bentoml_home):
     assert info["llm"]["tag"] in out and info["embedding"]["tag"] in out
     assert info["image_tokens"] == 64
     assert info["llm"]["architecture"] == "LlavaForConditionalGeneration"
+    assert info["llm"]["backend"] == server.backend
 
 
 def _hist(metrics: str, name: str, selector: str = "") -> tuple[float, float]:

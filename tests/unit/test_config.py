@@ -34,3 +34,49 @@ def test_gpu_resources_are_declared_from_config():
     config = LMMConfig()
     assert config.resources(config.llm)["gpu"] == 1
     assert "gpu" not in config.resources(config.api)
+
+
+@pytest.mark.parametrize("name", ["vllm.yaml", "gpu.yaml"])
+def test_vllm_configs_parse_and_fill_the_engine_arguments(name):
+    config = LMMConfig(**yaml.safe_load((CONFIGS / name).read_text()))
+    assert config.llm.backend == "vllm"
+    args = config.llm.vllm_args()
+    assert set(args) == {"gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+                         "enable_prefix_caching", "cpu_kvcache_space_gib"}
+    assert None not in args.values()
+
+
+def test_gpu_config_shards_the_llm_over_the_gpus_it_requests():
+    config = LMMConfig(**yaml.safe_load((CONFIGS / "gpu.yaml").read_text()))
+    assert config.llm.tensor_parallel_size == config.llm.gpus == 2
+    assert config.resources(config.llm)["gpu"] == 2 and config.dtype == "bfloat16"
+    with pytest.raises(ValidationError, match="tensor_parallel_size must be <= llm.gpus"):
+        LMMConfig(llm={"backend": "vllm", "gpus": 1, "tensor_parallel_size": 2})
+
+
+def test_vllm_settings_are_refused_on_the_transformers_backend():
+    """A field no engine reads is refused, not ignored."""
+    with pytest.raises(ValidationError, match="llm.gpu_memory_utilization: used by the vllm"):
+        LMMConfig(llm={"gpu_memory_utilization": 0.5})
+    with pytest.raises(ValidationError, match="llm.enforce_eager, llm.cpu_kvcache_space_gib"):
+        LMMConfig(llm={"backend": "transformers", "enforce_eager": True,
+                       "cpu_kvcache_space_gib": 2})
+    assert LMMConfig(llm={"backend": "vllm", "enforce_eager": True}).llm.vllm_args()[
+        "enforce_eager"] is True
+
+
+def test_dotted_arg_overrides_nest_into_the_config():
+    """`bentoml serve --arg-file F --arg llm.max_num_seqs=64`, as BentoML hands it over."""
+    from lmm.config import nest_arguments
+
+    file = yaml.safe_load((CONFIGS / "test.yaml").read_text())
+    args = nest_arguments({**file, "llm.max_num_seqs": "64", "llm.backend": "vllm",
+                           "llm.enforce_eager": "true", "images.allowed_url_domains": "[a.com]"})
+    config = LMMConfig(**args)
+    assert config.llm.max_num_seqs == 64 and config.llm.backend == "vllm"
+    assert config.llm.enforce_eager is True and config.images.allowed_url_domains == ["a.com"]
+    assert config.llm.max_model_len == file["llm"]["max_model_len"]  # the rest of the file stays
+    with pytest.raises(ValidationError, match="max_num_seq\n"):
+        LMMConfig(**nest_arguments({"llm.max_num_seq": "4"}))
+    with pytest.raises(ValueError, match="device is not a section"):
+        nest_arguments({"device": "cpu", "device.x": "1"})
