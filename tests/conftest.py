@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BENTOML = str(Path(PY).parent / "bentoml")
+# Subprocesses find this environment's tools first (bentoml build looks up `uv` on PATH), also
+# when pytest is started as .venv/bin/python -m pytest rather than through ./dev.
+os.environ["PATH"] = f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,10 +37,11 @@ def build_env(bentoml_home: Path) -> dict:
     }
 
 
-def build(bentoml_home: Path, context: Path, config: str = "configs/test.yaml") -> tuple[str, Path]:
+def build(bentoml_home: Path, context: Path, config: str = "configs/test.yaml",
+          bentofile: str = "bentofile.yaml") -> tuple[str, Path]:
     """`bentoml build` in `context`; the Bento tag and its folder in the store."""
     out = subprocess.run(
-        [BENTOML, "build", "-o", "tag", "--arg-file", config],
+        [BENTOML, "build", "-f", bentofile, "-o", "tag", "--arg-file", config],
         cwd=context,
         env=build_env(bentoml_home),
         capture_output=True,
@@ -175,3 +177,35 @@ def test_code_change_gives_a_new_version_with_the_new_code(built, bentoml_home, 
         check=True,
     ).stdout
     assert tag in listed and new_tag in listed
+
+
+def test_gpu_bento_builds_here_with_vllm_and_its_config(bentoml_home, tmp_path):
+    """The README's GPU build: `bentoml build -f bentofile.gpu.yaml --arg-file configs/gpu.yaml`.
+    Building needs no GPU, but the config's model must be in the store: the shapes LLaVA stands
+    in under the name `import-hf llava-hf/llava-1.5-7b-hf` gives the real one (the build only
+    pins the tag; the weights are not read)."""
+    from models.shapes import LLAVA_DIR
+
+    home = tmp_path / "home"
+    shutil.copytree(bentoml_home / "models", home / "models", symlinks=True)
+    gpu = yaml.safe_load((ROOT / "configs/gpu.yaml").read_text())
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from models.store import save_to_store; "
+         "save_to_store(sys.argv[1], Path(sys.argv[2]), labels={'source': 'stand-in'})",
+         gpu["llm_model"].split(":")[0], str(LLAVA_DIR)],
+        cwd=ROOT, env=env, check=True, capture_output=True,
+    )
+    tag, path = build(home, ROOT, config="configs/gpu.yaml", bentofile="bentofile.gpu.yaml")
+    info = yaml.safe_load((path / "bento.yaml").read_text())
+    assert tag.startswith("bento-lmm-gpu:") and info["args"] == gpu
+    assert info["args"]["llm"]["backend"] == "vllm"
+    llm = next(s for s in info["services"] if s["name"] == "lmm-llm")
+    assert llm["config"]["resources"]["gpu"] == 2
+    assert {m["tag"].split(":")[0] for m in llm["models"]} == {"llava-hf-llava-1.5-7b-hf"}
+    requirements = (path / "env/python/requirements.txt").read_text().splitlines()
+    assert "vllm==0.33.0" in requirements and "torch==2.14.0" in requirements
+    assert "torch==2.13.0" not in requirements and "--find-links /wheels" not in requirements
+    assert not any(line.startswith("-r") for line in requirements)  # self-contained
+    assert (path / "src/runners/engines/vllm_engine.py").is_file()
