@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import collections
 import io
 import time
+from pathlib import Path
 
 import httpx
 
-from models.shapes.data import make_samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
+from models.shapes.data import make_samples  # noqa: E402
 
 
 def png(image) -> bytes:

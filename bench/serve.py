@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import base64
 import io
 import json
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from models.shapes.data import make_samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
+from models.shapes.data import make_samples  # noqa: E402
 
 
 @dataclass
