@@ -8,6 +8,9 @@ one JSON line, because an HTTP stream between services may split or join writes.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import uuid
 from typing import AsyncGenerator
 
@@ -19,6 +22,10 @@ from lmm.errors import BadRequest
 from lmm.protocol import RunnerStats, SamplingParams
 
 CONFIG = load_config()
+logger = logging.getLogger(__name__)
+# A dead engine cannot come back inside its process. After this long unready (so /readyz
+# answers 503 and requests in flight fail), the worker exits and BentoML starts a fresh one.
+RESTART_AFTER_S = 3.0
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="lmm_llm_batch_size",
@@ -45,9 +52,19 @@ class LLM:
     @bentoml.on_startup
     async def start_engine(self) -> None:
         await self.engine.start()
+        self._watchdog = asyncio.get_running_loop().create_task(self._restart_when_dead())
+
+    async def _restart_when_dead(self) -> None:
+        while self.engine.healthy():
+            await asyncio.sleep(0.5)
+        logger.error("the LLM engine died; this worker exits in %.0f s to be restarted",
+                     RESTART_AFTER_S)
+        await asyncio.sleep(RESTART_AFTER_S)
+        os._exit(1)  # no clean shutdown: the engine it would stop is gone
 
     @bentoml.on_shutdown
     async def stop_engine(self) -> None:
+        self._watchdog.cancel()  # a stopped engine is not a dead one
         await self.engine.shutdown()
 
     def __is_ready__(self) -> bool:

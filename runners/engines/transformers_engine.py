@@ -164,6 +164,7 @@ class TransformersEngine:
                         logits, new_cache, new_mask = self._prefill(new)
                         cache, mask = self._merge(cache, mask, new_cache, new_mask)
                         running = running + new
+                        self._running = len(running)  # before any of them sees its output
                         parts.append(logits)
                     self._record(len(running))
                     self._sample_and_emit(running, torch.cat(parts, 0))
