@@ -64,8 +64,17 @@ class Server:
         raise TimeoutError(f"not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
+        """SIGTERM the server's process group, then kill whatever of its tree is left: BentoML
+        workers run in sessions of their own, and one that outlives its arbiter would keep its
+        port and CPU for the rest of the run."""
         import signal
 
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -73,6 +82,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for leftover in alive:
+            try:
+                leftover.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def server_home(bentoml_home: Path, where: Path) -> Path:
