@@ -7,9 +7,10 @@ tests can drive the runner with a small engine of the same shape.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import numpy as np
 
@@ -44,6 +45,22 @@ class Engine(Protocol):
 
     def stats(self) -> dict[int, int]:
         """Histogram of decode batch sizes run so far."""
+
+
+class BatchSizes:
+    """Histogram of decode batch sizes an engine ran, passed on to a metric as they happen."""
+
+    def __init__(self, on_batch: Callable[[int], None] | None = None):
+        self.counts: Counter[int] = Counter()
+        self.on_batch = on_batch
+
+    def record(self, size: int) -> None:
+        self.counts[size] += 1
+        if self.on_batch is not None:
+            self.on_batch(size)
+
+    def histogram(self) -> dict[int, int]:
+        return dict(self.counts)
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import numpy as np
 
 from lmm.device import resolve_device_dtype
-from lmm.engine import validate_request
+from lmm.engine import BatchSizes, validate_request
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,8 +58,7 @@ class TransformersEngine:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.torch_threads = torch_threads
-        self.on_batch = on_batch
-        self.batch_sizes: Counter[int] = Counter()
+        self.batch_sizes = BatchSizes(on_batch)
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,7 +98,7 @@ class TransformersEngine:
             await asyncio.to_thread(self._thread.join, 10)
 
     def stats(self) -> dict[int, int]:
-        return dict(self.batch_sizes)
+        return self.batch_sizes.histogram()
 
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -166,7 +164,7 @@ class TransformersEngine:
                         running = running + new
                         self._running = len(running)  # before any of them sees its output
                         parts.append(logits)
-                    self._record(len(running))
+                    self.batch_sizes.record(len(running))
                     self._sample_and_emit(running, torch.cat(parts, 0))
                 keep = [i for i, s in enumerate(running) if not (s.done or s.aborted)]
                 if len(keep) != len(running):
@@ -190,11 +188,6 @@ class TransformersEngine:
             if not seq.aborted:
                 new.append(seq)
         return new
-
-    def _record(self, size: int) -> None:
-        self.batch_sizes[size] += 1
-        if self.on_batch is not None:
-            self.on_batch(size)
 
     def _embed(self, seq: _Sequence):
         import torch

@@ -16,13 +16,10 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from lmm.engine import validate_request
+from lmm.engine import BatchSizes, validate_request
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 class VLLMEngine:
     def __init__(
@@ -42,7 +39,7 @@ class VLLMEngine:
     ):
         self.model_path = model_path
         self.device = device
-        self.dtype = _DTYPES[dtype]
+        self.dtype = dtype  # vLLM takes the config's names as they are
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -51,19 +48,17 @@ class VLLMEngine:
         self.enable_prefix_caching = enable_prefix_caching
         self.cpu_kvcache_space_gib = cpu_kvcache_space_gib
         self.torch_threads = torch_threads
-        self.on_batch = on_batch
+        self.batch_sizes = BatchSizes(on_batch)
         self.engine = None
-        self._batch_sizes: dict[int, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     def engine_args(self):
         from vllm import AsyncEngineArgs
 
         return AsyncEngineArgs(
+            # The API service tokenizes and detokenizes (detokenize=False per request), but the
+            # tokenizer stays loaded: vLLM's multimodal processor needs it to place embeddings.
             model=self.model_path,
-            tokenizer=self.model_path,
-            # The API service tokenizes and detokenizes (detokenize=False per request); vLLM's
-            # multimodal processor still needs the tokenizer to place image embeddings.
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
@@ -125,7 +120,7 @@ class VLLMEngine:
         return 0 if self.engine is None else self.engine.get_num_unfinished_requests()
 
     def stats(self) -> dict[int, int]:
-        return dict(self._batch_sizes)
+        return self.batch_sizes.histogram()
 
     # -- requests ------------------------------------------------------------------------
     def sampling_params(self, params: SamplingParams):
@@ -160,15 +155,16 @@ class VLLMEngine:
             raise RuntimeError("the vLLM engine is not running")
         validate_request(prompt_token_ids, image_features, params, self.image_token_id,
                          self.hidden_size, self.max_model_len)
-        prompt: dict = {"prompt_token_ids": list(prompt_token_ids)}
-        if image_features is not None and image_features.size:
-            prompt["prompt_token_ids"] = collapse_image_tokens(
-                prompt_token_ids, self.image_token_id, image_features.shape[1]
-            )
-            # One [tokens, hidden] block per image, stacked: a 2-D tensor would be taken for an
-            # image, and images are not accepted.
-            prompt["multi_modal_data"] = {
-                "image": torch.from_numpy(np.ascontiguousarray(image_features))
+        if image_features is None or not image_features.size:
+            prompt: dict = {"prompt_token_ids": list(prompt_token_ids)}
+        else:
+            # One [tokens, hidden] block per image, stacked (a 2-D tensor would be taken for an
+            # image, and images are not accepted), and one placeholder per image in the prompt.
+            prompt = {
+                "prompt_token_ids": collapse_image_tokens(
+                    prompt_token_ids, self.image_token_id, image_features.shape[1]),
+                "multi_modal_data": {
+                    "image": torch.from_numpy(np.ascontiguousarray(image_features))},
             }
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         stream = self.engine.generate(prompt, self.sampling_params(params), request_id)
@@ -179,10 +175,12 @@ class VLLMEngine:
                 tokens = list(piece.token_ids)
                 completion += len(tokens)
                 finish = piece.finish_reason if out.finished else None
+                if finish not in (None, "stop", "length", "abort"):  # vLLM's "error"
+                    raise RuntimeError(f"vLLM ended request {request_id}: {finish}")
                 if finish == "stop" and tokens and tokens[-1] in stops:
                     tokens = tokens[:-1]  # the end token is counted, never shown
                 yield EngineOutput(
-                    token_ids=tokens, finish_reason=_FINISH.get(finish, finish),
+                    token_ids=tokens, finish_reason=finish,
                     prompt_tokens=len(prompt_token_ids), completion_tokens=completion,
                 )
         except VLLMClientError as exc:  # vLLM refused the request: the client's fault
@@ -194,7 +192,7 @@ class VLLMEngine:
         """A vLLM stat logger that sees each engine step's running batch."""
         from vllm.v1.metrics.loggers import StatLoggerBase
 
-        record = self._record
+        record = self.batch_sizes.record
 
         class BatchSizes(StatLoggerBase):
             def __init__(self, vllm_config, engine_index: int = 0):
@@ -209,11 +207,6 @@ class VLLMEngine:
                 pass
 
         return BatchSizes
-
-    def _record(self, size: int) -> None:
-        self._batch_sizes[size] = self._batch_sizes.get(size, 0) + 1
-        if self.on_batch is not None:
-            self.on_batch(size)
 
 
 def collapse_image_tokens(ids: list[int], image_token_id: int, per_image: int) -> list[int]:
@@ -239,7 +232,3 @@ def collapse_image_tokens(ids: list[int], image_token_id: int, per_image: int) -
     if run % per_image:
         raise ValueError(f"an image takes {per_image} prompt tokens; a run of {run} was sent")
     return out
-
-
-# vLLM's finish reasons beyond ours: "abort" stays, "error" is a server-side failure.
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
