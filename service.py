@@ -7,18 +7,19 @@ strings, usage) run here; the vision encoder and the LLM are separate runner ser
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from pathlib import Path
 from typing import Annotated, AsyncGenerator
 
 import bentoml
 from annotated_types import Ge, Le
+from starlette.responses import StreamingResponse
 
+from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm.config import load_config
-from lmm.errors import BadRequest, error_response
-from lmm.images import check_size, decode_base64, load_image
+from lmm.errors import BadRequest, ErrorShape, json_error
 from lmm.openai_api import app as openai_app
-from lmm.pipeline import Pipeline, sse, user_messages
+from lmm.pipeline import Pipeline, collect, user_messages
 from lmm.protocol import (
     Completion,
     EmbedInput,
@@ -26,9 +27,13 @@ from lmm.protocol import (
     GenerateInput,
     GenerateResponse,
     ImageLimitsInfo,
-    ModelCard,
     ModelInfo,
+    RankedCandidate,
+    RankInput,
+    RankResponse,
+    Usage,
 )
+from lmm.serving import OpenAIServing
 from lmm.upload_guard import UploadGuard
 from runners.llm import LLM
 from runners.vision import VisionEncoder
@@ -44,12 +49,17 @@ class GenerateRequest(GenerateInput):
     n: Annotated[int, Ge(1), Le(CONFIG.max_n)] = 1
 
 
-def _card(model, backend: str) -> ModelCard:
-    return ModelCard(
-        name=model.tag.name, tag=str(model.tag), backend=backend,
-        architecture=str(model.info.metadata.get("architecture", "")),
-        labels=dict(model.info.labels),
-    )
+def shaped_errors(handler):
+    """A native route's failures as the one error body (``lmm.errors``), status kept."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, **params):
+        try:
+            return await handler(self, **params)
+        except Exception as exc:
+            return json_error(exc)
+
+    return wrapper
 
 
 @bentoml.service(
@@ -69,38 +79,35 @@ class LMMService:
     def __init__(self) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(self.llava.path)
-        self.clip_processor = AutoProcessor.from_pretrained(self.clip.path)
         self.pipeline = Pipeline(
-            CONFIG, self.processor, self.clip_processor, self.vision.to_async, self.llm.to_async
+            CONFIG, AutoProcessor.from_pretrained(self.llava.path),
+            AutoProcessor.from_pretrained(self.clip.path), self.vision.to_async,
+            self.llm.to_async,
         )
+        self.images = ImageDecoder(CONFIG.images)
+        self.chat_model = ServedModel.from_store(self.llava, CONFIG.served_model_name, "chat",
+                                                 CONFIG.llm.backend)
+        self.embedding_model = ServedModel.from_store(self.clip, self.clip.tag.name,
+                                                      "embedding", "transformers")
         self.image_tokens = self.pipeline.image_tokens()
-
-    # -- request decoding ----------------------------------------------------------------
-    def _images(self, uploads: list[Path], encoded: list[str], embed: bool = False):
-        self.pipeline.check_image_count(len(uploads) + len(encoded), embed)
-        limits = CONFIG.images
-        images = []
-        for path in uploads:
-            check_size(path.stat().st_size, limits, "images")
-            images.append(load_image(path.read_bytes(), limits, "images"))
-        images += [load_image(decode_base64(v, limits), limits, "images_b64") for v in encoded]
-        return images
+        openai_app.state.serving = OpenAIServing(self.pipeline, self.chat_model,
+                                                 self.embedding_model, self.images)
 
     async def _prepare(self, request: GenerateRequest):
-        images = await asyncio.to_thread(self._images, request.images, request.images_b64)
+        refs = image_refs(request.images, request.images_b64)
+        images = await self.images.decode(refs, CONFIG.images.max_images)
         messages = user_messages(request.prompt, len(images), request.system_prompt)
-        return await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        return prompt, self.pipeline.stream(prompt, request.sampling(), request.stop, request.n)
 
     # -- APIs ----------------------------------------------------------------------------
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
+    @shaped_errors
     async def generate(self, **params) -> GenerateResponse:
         """Generate text from a prompt and 0..N images (upload files or send base64)."""
         request = GenerateRequest(**params)
-        prompt = await self._prepare(request)
-        texts, reasons, usage = await self.pipeline.complete(
-            prompt, request.sampling(), request.stop, request.n
-        )
+        _, run = await self._prepare(request)
+        texts, reasons, usage = await collect(run, request.n)
         return GenerateResponse(
             model=CONFIG.served_model_name, text=texts[0], finish_reason=reasons[0], usage=usage,
             completions=[Completion(index=i, text=t, finish_reason=r)
@@ -108,41 +115,50 @@ class LMMService:
         )
 
     @bentoml.api(route="/generate_stream", input_spec=GenerateRequest)
+    @shaped_errors
     async def generate_stream(self, **params) -> AsyncGenerator[str, None]:
-        """Like /generate, as server-sent events: one `data:` event per text delta."""
+        """Like /generate, as server-sent events: `{"index", "text"}` per text delta
+        (`finish_reason` on each completion's last), then `{"usage"}` and `[DONE]`."""
         request = GenerateRequest(**params)
-        prompt = await self._prepare(request)  # bad input fails here, before the 200
-        stream = self.pipeline.stream(prompt, request.sampling(), request.stop, request.n)
-        completion = [0] * request.n
-        try:
-            async for delta in stream:
-                completion[delta.index] = delta.completion_tokens
-                event = {"index": delta.index, "text": delta.text}
-                if delta.finish_reason:
-                    event["finish_reason"] = delta.finish_reason
-                yield sse(event)
-            prompt_tokens = len(prompt.token_ids)
-            yield sse({"usage": {"prompt_tokens": prompt_tokens,
-                                 "completion_tokens": sum(completion),
-                                 "total_tokens": prompt_tokens + sum(completion)}})
-        except Exception as exc:  # once streaming, an error can only be an event
-            logger.exception("stream failed")
-            yield sse(error_response(exc)[1])
-        yield sse("[DONE]")
+        _, run = await self._prepare(request)
+        run = await primed(run)  # what fails before the first token is an HTTP status
+        return StreamingResponse(sse_stream(_native_events(run)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @bentoml.api(route="/embed", input_spec=EmbedInput)
+    @shaped_errors
     async def embed(self, **params) -> EmbedResponse:
         """Embed texts and/or images into one CLIP space (L2-normalized vectors)."""
         request = EmbedInput(**params)
         if not request.texts and not request.images and not request.images_b64:
             raise BadRequest("send at least one of texts, images or images_b64.", "texts")
-        images = await asyncio.to_thread(
-            self._images, request.images, request.images_b64, True
-        )
-        texts, vectors = await self.pipeline.embed(request.texts, images)
-        dim = len((texts or vectors)[0])
-        return EmbedResponse(model=self.clip.tag.name, dim=dim, text_embeddings=texts,
-                             image_embeddings=vectors)
+        refs = image_refs(request.images, request.images_b64)
+        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+        result = await self.pipeline.embed(request.texts, images)
+        dim = len((result.texts or result.images)[0])
+        return EmbedResponse(model=self.embedding_model.name, dim=dim,
+                             text_embeddings=result.texts, image_embeddings=result.images)
+
+    @bentoml.api(route="/rank", input_spec=RankInput)
+    @shaped_errors
+    async def rank(self, **params) -> RankResponse:
+        """Order candidate texts and/or images by CLIP similarity to one query (a text or an
+        image), best first, with their cosine scores."""
+        request = RankInput(**params)
+        query_refs = image_refs(request.query_image, [request.query_image_b64] * bool(
+            request.query_image_b64), "query_image", "query_image_b64")
+        if (request.query is not None) + len(query_refs) != 1:
+            raise BadRequest("send exactly one query: query (a text), query_image (a file) or "
+                             "query_image_b64.", "query")
+        refs = image_refs(request.candidate_images, request.candidate_images_b64,
+                          "candidate_images", "candidate_images_b64")
+        images = await self.images.decode(query_refs + refs, CONFIG.images.max_embed_images)
+        query = request.query if request.query is not None else images.pop(0)
+        ranked = await self.pipeline.rank(query, request.candidates, images)
+        return RankResponse(
+            model=self.embedding_model.name, query="text" if isinstance(query, str) else "image",
+            results=[RankedCandidate(kind=r.kind, index=r.index, text=r.text, score=r.score)
+                     for r in ranked])
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:
@@ -150,14 +166,15 @@ class LMMService:
         limits = CONFIG.images
         return ModelInfo(
             served_model_name=CONFIG.served_model_name,
-            llm=_card(self.llava, CONFIG.llm.backend),
-            vision=_card(self.llava, "transformers"),
-            embedding=_card(self.clip, "transformers"),
+            llm=self.chat_model.native(),
+            vision=self.chat_model.native(backend="transformers"),
+            embedding=self.embedding_model.native(),
             image_tokens=self.image_tokens,
             max_tokens_limit=CONFIG.max_tokens_limit,
             max_model_len=CONFIG.llm.max_model_len,
-            images=ImageLimitsInfo(max_images=limits.max_images, max_bytes=limits.max_bytes,
-                                   max_pixels=limits.max_pixels),
+            images=ImageLimitsInfo(max_images=limits.max_images,
+                                   max_embed_images=limits.max_embed_images,
+                                   max_bytes=limits.max_bytes, max_pixels=limits.max_pixels),
         )
 
     @bentoml.api(route="/runner_stats")
@@ -167,9 +184,22 @@ class LMMService:
         return {"vision": vision, "llm": llm}
 
 
+async def _native_events(run):
+    """/generate_stream's events of one pipeline run."""
+    async for item in run:
+        if isinstance(item, Usage):
+            yield {"usage": item.model_dump()}
+            continue
+        event = {"index": item.index, "text": item.text}
+        if item.finish_reason:
+            event["finish_reason"] = item.finish_reason
+        yield event
+
+
 # Bound the buffered body by what the largest valid request can carry (base64 inflates by 4/3).
 LMMService.add_asgi_middleware(
-    UploadGuard, fields=("images",),
+    UploadGuard, fields=("images", "query_image", "candidate_images"),
     max_body=2 * CONFIG.images.max_bytes * max(CONFIG.images.max_images,
                                                 CONFIG.images.max_embed_images) + (1 << 20),
 )
+LMMService.add_asgi_middleware(ErrorShape)

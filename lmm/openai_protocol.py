@@ -10,7 +10,18 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmm.protocol import Usage
+from lmm.config import LMMConfig
+from lmm.errors import BadRequest, Unsupported
+from lmm.protocol import (
+    MaxTokens,
+    RepetitionPenalty,
+    SamplingParams,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+    Usage,
+)
 
 
 class _Request(BaseModel):
@@ -69,37 +80,70 @@ class SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
     model: str = Field(description="Must be the server's `served_model_name` (see /v1/models).")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float | None = Field(
-        None, ge=0.0, le=2.0, description="Default 1.0; 0 means greedy decoding."
-    )
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = Field(None, description="Default 1.0; 0 means greedy.")
+    top_p: TopP | None = None
     n: int | None = Field(None, ge=1, description="Completions to generate (default 1).")
     stop: str | list[str] | None = Field(None, description="Strings that end generation.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    seed: Seed | None = None
     stream: bool | None = Field(False, description="Stream server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
     frequency_penalty: float | None = Field(None, description="Not supported: must be 0.")
     presence_penalty: float | None = Field(None, description="Not supported: must be 0.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
-    top_k: int | None = Field(
-        None, ge=0, description="Extension: keep the k most likely tokens; 0 disables."
-    )
-    repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0, description="Extension: HF-style repetition penalty; 1 disables."
-    )
+    top_k: TopK | None = Field(None, description="Extension: keep the k most likely tokens.")
+    repetition_penalty: RepetitionPenalty | None = Field(None, description="Extension.")
     ignore_eos: bool = Field(
         False, description="Extension (as in vLLM): keep generating past end-of-sequence."
     )
     user: str | None = Field(None, description="Accepted and ignored.")
+
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        """The field that sets the token budget, and its value."""
+        return "max_tokens", self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        """A 400 for fields that would change the result but are not implemented."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise Unsupported(f"{name} is not supported (send 0 or omit it); "
+                                  "repetition_penalty is available as an extension.", name)
+        if self.logit_bias:
+            raise Unsupported("logit_bias is not supported.", "logit_bias")
+
+    def sampling(self, config: LMMConfig) -> tuple[SamplingParams, list[str], int]:
+        """SamplingParams, stop strings and n of this request, within the server's limits."""
+        self.refuse_unsupported()
+        name, max_tokens = self.requested_max_tokens()
+        max_tokens = max_tokens or config.default_max_tokens
+        if max_tokens > config.max_tokens_limit:
+            raise BadRequest(f"{name} is {max_tokens}; at most {config.max_tokens_limit}.", name)
+        n = self.n or 1
+        if n > config.max_n:
+            raise BadRequest(f"n is {n}; at most {config.max_n}.", "n")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+        return params, [s for s in stop if s], n
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="Tokens to generate at most (takes precedence over max_tokens)."
+    max_completion_tokens: MaxTokens | None = Field(
+        None, description="Tokens to generate at most (takes precedence over max_tokens)."
     )
     logprobs: bool | None = Field(None, description="Not supported.")
     top_logprobs: int | None = Field(None, description="Not supported.")
@@ -107,6 +151,24 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = Field(None, description="Only `none` (or `auto`: no tools) is supported.")
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
     response_format: ResponseFormat | None = Field(None, description="Only `text`.")
+
+    def requested_max_tokens(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().requested_max_tokens()
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise Unsupported("logprobs are not supported.", "logprobs")
+        if self.tools or self.functions:
+            raise Unsupported("tools (function calling) are not supported by this model.",
+                              "tools")
+        if self.tool_choice not in (None, "none", "auto"):  # without tools, auto means none
+            raise Unsupported("tool_choice is not supported (only 'none').", "tool_choice")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise Unsupported(f"response_format {self.response_format.type!r} is not "
+                              "supported; only 'text'.", "response_format")
 
 
 class CompletionRequest(SamplingRequest):
@@ -117,6 +179,20 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = Field(None, description="Not supported.")
     best_of: int | None = Field(None, description="Not supported above 1.")
     logprobs: int | None = Field(None, description="Not supported.")
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("echo", "suffix", "logprobs"):
+            if getattr(self, name) not in (None, False):
+                raise Unsupported(f"{name} is not supported.", name)
+        if self.best_of not in (None, 1):
+            raise Unsupported("best_of is not supported.", "best_of")
+
+    def single_prompt(self) -> str:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise BadRequest("send exactly one prompt per request.", "prompt")
+        return prompts[0]
 
 
 class ImageInput(_Request):

@@ -5,10 +5,9 @@ detokenize. The runners come in as arguments (BentoML clients in the service, fa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,6 +36,21 @@ class LLMClient(Protocol):
 class Prompt:
     token_ids: list[int]
     pixel_values: np.ndarray | None  # [n_images, 3, H, W]
+
+
+@dataclass
+class Embeddings:
+    texts: list[list[float]] = field(default_factory=list)
+    images: list[list[float]] = field(default_factory=list)
+    prompt_tokens: int = 0  # CLIP tokens of the texts
+
+
+@dataclass
+class Ranked:
+    kind: Literal["text", "image"]
+    index: int  # position in its own candidate list
+    score: float  # cosine similarity to the query
+    text: str | None = None
 
 
 @dataclass
@@ -160,8 +174,17 @@ class Pipeline:
         raise Overloaded("the LLM runner ended the stream early; retry the request.")
 
     async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
-                     n: int = 1) -> AsyncIterator[Delta]:
-        """Deltas of ``n`` completions, interleaved as they are produced."""
+                     n: int = 1) -> AsyncIterator[Delta | Usage]:
+        """Deltas of ``n`` completions, interleaved as they are produced; the last item is the
+        run's ``Usage``."""
+        completion = [0] * n
+        async for delta in self._deltas(prompt, params, stop, n):
+            completion[delta.index] = delta.completion_tokens
+            yield delta
+        yield usage(len(prompt.token_ids), sum(completion))
+
+    async def _deltas(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str],
+                      n: int) -> AsyncIterator[Delta]:
         self.check_budget(prompt, params)
         features = await self.encode(prompt)
         if n == 1:
@@ -197,33 +220,40 @@ class Pipeline:
 
     async def complete(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
                        n: int = 1) -> tuple[list[str], list[FinishReason | None], Usage]:
-        texts, reasons = [""] * n, [None] * n
-        prompt_tokens, completion = len(prompt.token_ids), [0] * n
-        async for d in self.stream(prompt, params, stop, n):
-            texts[d.index] += d.text
-            completion[d.index] = d.completion_tokens
-            if d.finish_reason:
-                reasons[d.index] = d.finish_reason
-        return texts, reasons, usage(prompt_tokens, sum(completion))
+        return await collect(self.stream(prompt, params, stop, n), n)
 
     # -- embeddings ----------------------------------------------------------------------
-    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]):
+    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]) -> Embeddings:
+        """L2-normalized CLIP vectors of texts and images, in input order."""
         self.check_image_count(len(images), embed=True)
-        text_vectors: list[list[float]] = []
-        image_vectors: list[list[float]] = []
+        result = Embeddings()
         if texts:
             tok = self.clip_processor.tokenizer
             limit = getattr(tok, "model_max_length", 77)
             ids = tok(list(texts), truncation=True, max_length=min(limit, 10_000))["input_ids"]
-            text_vectors = await self._in_batches(
-                self.vision.embed_texts, [list(map(int, row)) for row in ids]
-            )
+            rows = [list(map(int, row)) for row in ids]
+            result.prompt_tokens = sum(map(len, rows))
+            result.texts = await self._in_batches(self.vision.embed_texts, rows)
         if images:
             pixels = self.clip_processor.image_processor(list(images), return_tensors="np")
-            image_vectors = await self._in_batches(
+            result.images = await self._in_batches(
                 self.vision.embed_images, np.asarray(pixels["pixel_values"], np.float32)
             )
-        return text_vectors, image_vectors
+        return result
+
+    async def rank(self, query: str | Image.Image, texts: Sequence[str],
+                   images: Sequence[Image.Image]) -> list[Ranked]:
+        """Candidates (texts, then images) by cosine similarity to the query, best first."""
+        if not texts and not images:
+            raise BadRequest("send at least one candidate text or image.", "candidates")
+        text_query = isinstance(query, str)
+        vectors = await self.embed([query, *texts] if text_query else texts,
+                                   images if text_query else [query, *images])
+        q = np.asarray((vectors.texts if text_query else vectors.images).pop(0))
+        ranked = [Ranked("text", i, float(np.dot(q, v)), text)
+                  for i, (text, v) in enumerate(zip(texts, vectors.texts))]
+        ranked += [Ranked("image", i, float(np.dot(q, v))) for i, v in enumerate(vectors.images)]
+        return sorted(ranked, key=lambda r: -r.score)
 
     async def _in_batches(self, call, items) -> list[list[float]]:
         """One request may hold more items than the runner's max_batch_size: split it."""
@@ -239,7 +269,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def sse(payload: dict | str) -> str:
-    """One server-sent event."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
+async def collect(run: AsyncIterator[Delta | Usage], n: int
+                  ) -> tuple[list[str], list[FinishReason | None], Usage]:
+    """Texts, finish reasons and usage of a whole ``Pipeline.stream`` run."""
+    texts, reasons, used = [""] * n, [None] * n, Usage()
+    async for d in run:
+        if isinstance(d, Usage):
+            used = d
+        else:
+            texts[d.index] += d.text
+            reasons[d.index] = d.finish_reason or reasons[d.index]
+    return texts, reasons, used

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
 FinishReason = Literal["stop", "length", "abort"]
 
+# The bounds of each sampling field, declared once for the engine's parameters and for both
+# APIs' requests (the OpenAI ones wrap them in ``| None``).
+MaxTokens = Annotated[int, Field(ge=1, description="Tokens to generate at most.")]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 means greedy decoding.")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Nucleus sampling mass.")]
+TopK = Annotated[int, Field(ge=0, description="Keep the k most likely tokens; 0 disables.")]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0,
+                                           description="HF-style repetition penalty; 1 disables.")]
+Seed = Annotated[int, Field(description="Makes sampling reproducible.")]
+
 
 class SamplingParams(BaseModel):
     """Per-sequence sampling; the engine honours each one inside a shared batch."""
 
-    max_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 disables.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1.0 disables.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    max_tokens: MaxTokens = 64
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra end tokens.")
     ignore_eos: bool = False
 
@@ -71,6 +81,7 @@ class ModelCard(BaseModel):
 
 class ImageLimitsInfo(BaseModel):
     max_images: int
+    max_embed_images: int
     max_bytes: int
     max_pixels: int
 
@@ -105,12 +116,12 @@ class GenerateInput(BaseModel):
         default_factory=list, description="Images as base64 or data:image/...;base64, URLs."
     )
     system_prompt: str | None = Field(None, description="Optional system message.")
-    max_tokens: int = Field(64, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    max_tokens: MaxTokens = 64
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
     n: int = Field(1, ge=1, description="Completions to return for this prompt.")
 
@@ -124,6 +135,34 @@ class GenerateInput(BaseModel):
 class EmbedInput(BaseModel):
     """Texts and/or images to embed into the shared CLIP space."""
 
-    texts: list[str] = Field(default_factory=list)
+    texts: list[str] = Field(default_factory=list, description="Texts to embed.")
     images: list[Path] = Field(default_factory=list, description="Image files (multipart upload).")
     images_b64: list[str] = Field(default_factory=list, description="Base64 or data URL images.")
+
+
+class RankInput(BaseModel):
+    """A query (a text or an image) and candidates (texts and/or images) to order by CLIP
+    similarity to it."""
+
+    query: str | None = Field(None, description="A text query.")
+    query_image: list[Path] = Field(default_factory=list,
+                                    description="An image query (one file, multipart upload).")
+    query_image_b64: str | None = Field(None, description="An image query as base64 or data URL.")
+    candidates: list[str] = Field(default_factory=list, description="Candidate texts.")
+    candidate_images: list[Path] = Field(default_factory=list,
+                                         description="Candidate image files (multipart upload).")
+    candidate_images_b64: list[str] = Field(default_factory=list,
+                                            description="Candidate images as base64 or data URLs.")
+
+
+class RankedCandidate(BaseModel):
+    kind: Literal["text", "image"]
+    index: int = Field(description="Position in its own candidate list.")
+    text: str | None = Field(None, description="The candidate text (text candidates).")
+    score: float = Field(description="Cosine similarity to the query.")
+
+
+class RankResponse(BaseModel):
+    model: str
+    query: Literal["text", "image"] = Field(description="What the query was.")
+    results: list[RankedCandidate] = Field(description="Every candidate, best first.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 
+from lmm.errors import error_body
+
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 
 
@@ -51,7 +53,7 @@ class UploadGuard:
         bad = text_file_fields(body, boundary.group(1), self.fields)
         if bad:
             return await _reject(send, 400, f"field {bad[0]!r} takes uploaded files; send images "
-                                 "as files, or as base64 / data URLs in 'images_b64'")
+                                 f"as files, or as base64 / data URLs in '{bad[0]}_b64'", bad[0])
         await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
 
 
@@ -65,8 +67,8 @@ def _replay(messages, receive):
     return replayed
 
 
-async def _reject(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+async def _reject(send, status: int, message: str, param: str | None = None) -> None:
+    body = json.dumps(error_body(status, message, param)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from models.shapes.data import make_samples, normalize_answer
+from tests.helpers import assert_error
 
 pytestmark = pytest.mark.integration
 
@@ -173,8 +174,7 @@ def test_bad_input_gets_a_clear_4xx(url, case):
         r = httpx.post(url + "/generate", files=files, data=data, timeout=60)
     else:
         r = httpx.post(url + "/generate", json=data, timeout=60)
-    assert r.status_code == expect, r.text
-    assert re.search(message, r.text), r.text
+    assert_error(r, expect, text=message)
 
 
 def test_readme_first_example_answers_as_documented(url):
@@ -191,4 +191,39 @@ def test_readme_first_example_answers_as_documented(url):
 def test_a_url_in_the_upload_field_is_refused_not_fetched(url):
     r = httpx.post(url + "/generate", files=[("x", ("x", b"", "text/plain"))],
                    data={"prompt": "hi", "images": "http://example.com/cat.png"})
-    assert r.status_code == 400 and "images_b64" in r.json()["error"]
+    assert_error(r, 400, "images", "images_b64")
+
+
+# Every error path of both APIs, one body shape: (method, path, keyword arguments, status, param).
+ERROR_PATHS = [
+    ("POST", "/generate", {"json": {}}, 400, "prompt"),
+    ("POST", "/generate", {"content": b"{bad", "headers": {"content-type": "application/json"}},
+     400, "body"),
+    ("POST", "/generate_stream", {"json": {"prompt": "x", "images_b64": ["!"]}}, 400,
+     "images_b64"),
+    ("POST", "/generate_stream", {"json": {"prompt": "x", "max_tokens": 0}}, 400, "max_tokens"),
+    ("POST", "/embed", {"json": {}}, 400, "texts"),
+    ("POST", "/embed", {"json": {"images_b64": ["data:text/plain;base64,aGk="]}}, 400,
+     "images_b64"),
+    ("POST", "/rank", {"json": {"candidates": ["a"]}}, 400, "query"),
+    ("POST", "/rank", {"json": {"query": "a"}}, 400, "candidates"),
+    ("POST", "/rank", {"files": [("query_image", ("q", b"", "text/plain"))],
+                       "data": {"candidate_images": "http://example.com/x.png"}}, 400,
+     "candidate_images"),
+    ("GET", "/generate", {}, 405, None),
+    ("GET", "/no-such-route", {}, 404, None),
+    ("POST", "/v1/chat/completions", {"json": {"model": "shapes-llava"}}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"json": {"model": "nope", "messages": [
+        {"role": "user", "content": "hi"}]}}, 404, "model"),
+    ("POST", "/v1/completions", {"json": {"model": "shapes-llava", "prompt": "hi",
+                                          "echo": True}}, 400, "echo"),
+    ("POST", "/v1/embeddings", {"json": {"model": "shapes-llava", "input": []}}, 400, "input"),
+    ("GET", "/v1/models/nope", {}, 404, "model"),
+    ("GET", "/v1/no-such-route", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, param", ERROR_PATHS,
+                         ids=[f"{m} {p} {s}" for m, p, _, s, _ in ERROR_PATHS])
+def test_every_error_has_the_one_shape(url, method, path, kwargs, status, param):
+    assert_error(httpx.request(method, url + path, timeout=60, **kwargs), status, param)

@@ -16,9 +16,12 @@ from PIL import Image
 
 from lmm.config import ImageLimits, LMMConfig
 from lmm.errors import BadRequest
-from lmm.openai_api import Backend, StoredModel, create_app
-from lmm.pipeline import Delta, Pipeline, Prompt
-from lmm.protocol import SamplingParams
+from lmm.adapters import ServedModel
+from lmm.openai_api import create_app
+from lmm.pipeline import Delta, Embeddings, Pipeline, Prompt, usage
+from lmm.protocol import SamplingParams, Usage
+from lmm.serving import OpenAIServing
+from tests.helpers import assert_error
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +46,7 @@ class FakePipeline(Pipeline):
         return Prompt(token_ids=[1] * (3 + 10 * len(images)), pixel_values=None)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
-                     n: int = 1) -> AsyncIterator[Delta]:
+                     n: int = 1) -> AsyncIterator[Delta | Usage]:
         self.check_budget(prompt, params)
         self.calls.append((params, list(stop), n))
         if self.fail == "before":
@@ -57,10 +60,12 @@ class FakePipeline(Pipeline):
                 if k == len(words) - 1:
                     reason = "length" if params.max_tokens < len(WORDS) else "stop"
                 yield Delta(i, word, reason, len(prompt.token_ids), k + 1)
+        yield usage(len(prompt.token_ids), n * len(words))
 
-    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]):
+    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]) -> Embeddings:
         self.check_image_count(len(images), embed=True)
-        return ([[1.0, 0.0, 0.0]] * len(texts), [[0.0, 1.0, 0.0]] * len(images))
+        tokens = sum(len(t.split()) for t in texts)
+        return Embeddings([[1.0, 0.0, 0.0]] * len(texts), [[0.0, 1.0, 0.0]] * len(images), tokens)
 
 
 def config(**images) -> LMMConfig:
@@ -76,10 +81,12 @@ def pipeline() -> FakePipeline:
 
 @pytest.fixture
 def client(pipeline) -> TestClient:
-    backend = Backend.create(pipeline, StoredModel(MODEL, "lmm-shapes-llava:abc123", 1, "chat"),
-                             StoredModel("lmm-shapes-clip", "lmm-shapes-clip:def456", 1,
-                                         "embedding"))
-    return TestClient(create_app(lambda: backend), raise_server_exceptions=False)
+    serving = OpenAIServing(
+        pipeline,
+        ServedModel(MODEL, "lmm-shapes-llava", "lmm-shapes-llava:abc123", 1, "chat", "vllm"),
+        ServedModel("lmm-shapes-clip", "lmm-shapes-clip", "lmm-shapes-clip:def456", 1,
+                    "embedding", "transformers"))
+    return TestClient(create_app(serving), raise_server_exceptions=False)
 
 
 def data_url(color: str = "red", size: int = 8) -> str:
@@ -92,16 +99,6 @@ def chat(client: TestClient, messages: list | str, **params):
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     return client.post("/chat/completions", json={"model": MODEL, "messages": messages, **params})
-
-
-def assert_error(response, status: int, param: str | None = None, text: str = "") -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert error["param"] == param
-    assert text.lower() in error["message"].lower()
-    return error
 
 
 def events(response) -> list:

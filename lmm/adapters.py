@@ -1,0 +1,155 @@
+"""What both APIs (native and OpenAI-compatible) share around the pipeline: one image decoder
+for every image source, one record per served model with a native and an OpenAI view, and one
+server-sent-event framing with its error tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Sequence
+
+from PIL import Image
+from pydantic import BaseModel
+
+from lmm import openai_protocol as oai
+from lmm import protocol
+from lmm.config import ImageLimits
+from lmm.errors import BadRequest, error_response
+from lmm.fetch import ImageFetcher
+from lmm.images import check_size, decode_base64, load_image
+
+logger = logging.getLogger(__name__)
+
+
+# -- images --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRef:
+    """One image as a request carries it: an uploaded file, or text that is base64, a
+    ``data:image/...;base64,`` URL or an http(s) URL; ``param`` names it in errors."""
+
+    source: Path | str
+    param: str
+    bare_base64: bool = True  # False where only URLs are valid (OpenAI's image_url)
+
+
+class ImageDecoder:
+    """Decodes every image source, in order, with the configured limits (400/413 otherwise)."""
+
+    def __init__(self, limits: ImageLimits, fetcher: ImageFetcher | None = None):
+        self.limits = limits
+        self.fetcher = fetcher or ImageFetcher(limits.allowed_url_domains, limits.max_bytes,
+                                               limits.fetch_timeout_s)
+
+    async def decode(self, refs: Sequence[ImageRef], max_images: int,
+                     param: str = "images") -> list[Image.Image]:
+        if len(refs) > max_images:
+            raise BadRequest(f"{len(refs)} images sent; at most {max_images} per request.", param)
+        return list(await asyncio.gather(*(self._one(ref) for ref in refs)))
+
+    async def _one(self, ref: ImageRef) -> Image.Image:
+        return await asyncio.to_thread(load_image, await self._bytes(ref), self.limits, ref.param)
+
+    async def _bytes(self, ref: ImageRef) -> bytes:
+        if isinstance(ref.source, Path):
+            check_size(ref.source.stat().st_size, self.limits, ref.param)
+            return await asyncio.to_thread(ref.source.read_bytes)
+        text = ref.source.strip()
+        lower = text[:8].lower()
+        if lower.startswith(("http://", "https://")):
+            return await self.fetcher.fetch(text, ref.param)
+        if not ref.bare_base64 and not lower.startswith("data:"):
+            raise BadRequest("image_url must be a data:image/...;base64,... URL"
+                             + (" or an http(s) URL." if self.fetcher.enabled else "."),
+                             ref.param)
+        return await asyncio.to_thread(decode_base64, text, self.limits, ref.param)
+
+
+def image_refs(uploads: Sequence[Path], encoded: Sequence[str], upload_param: str = "images",
+               encoded_param: str = "images_b64") -> list[ImageRef]:
+    """Uploads first, then the text-encoded images: the order the prompt takes them in."""
+    return ([ImageRef(p, upload_param) for p in uploads]
+            + [ImageRef(s, encoded_param) for s in encoded])
+
+
+# -- served models -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedModel:
+    """One model this server serves, as read from the model store."""
+
+    id: str  # the name clients pass as `model`
+    name: str  # its model-store name
+    tag: str
+    created: int
+    kind: Literal["chat", "embedding"]
+    backend: str
+    architecture: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_store(cls, model: Any, id: str, kind: Literal["chat", "embedding"],
+                   backend: str) -> ServedModel:
+        """From a ``bentoml.Model`` (or anything with its ``tag`` and ``info``)."""
+        return cls(id=id, name=model.tag.name, tag=str(model.tag),
+                   created=int(model.info.creation_time.timestamp()), kind=kind,
+                   backend=backend, labels=dict(model.info.labels),
+                   architecture=str(model.info.metadata.get("architecture", "")))
+
+    def native(self, backend: str | None = None) -> protocol.ModelCard:
+        return protocol.ModelCard(name=self.name, tag=self.tag, backend=backend or self.backend,
+                                  architecture=self.architecture, labels=self.labels)
+
+    def openai(self) -> oai.ModelCard:
+        return oai.ModelCard(id=self.id, created=self.created, tag=self.tag,
+                             version=self.tag.partition(":")[2], kind=self.kind)
+
+
+# -- server-sent events --------------------------------------------------------------------
+def sse(payload: dict | str | BaseModel) -> str:
+    """One server-sent event."""
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json", exclude_none=False)
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def sse_stream(events: AsyncIterator[dict | BaseModel]) -> AsyncIterator[str]:
+    """Frame events as SSE; once bytes are sent an error can only be a last event in the one
+    error shape (``data: {"error": {...}}``); ``[DONE]`` ends every stream."""
+    try:
+        async for event in events:
+            yield sse(event)
+    except Exception as exc:
+        logger.exception("stream failed")
+        yield sse(error_response(exc)[1])
+    yield sse("[DONE]")
+
+
+async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Start a stream now, so that what fails before its first item fails the request (an HTTP
+    status) rather than the stream (an event after a 200)."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        return _empty()
+    except BaseException:
+        await stream.aclose()
+        raise
+
+    async def rest() -> AsyncIterator[Any]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
+
+    return rest()
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield

@@ -1,0 +1,181 @@
+"""The OpenAI-compatible API's serving code: requests in, response models or event streams out.
+
+``lmm.openai_api`` is only the router over this. Supported: chat completions (text + image
+parts, streaming, n, stop, seed), text completions, models and embeddings (texts, plus images as
+an extension). Parameters that would change the result but are not implemented (penalties,
+logprobs, tools, JSON formats) are refused with a 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+import uuid
+from typing import AsyncIterator
+
+import numpy as np
+
+from lmm import openai_protocol as oai
+from lmm.adapters import ImageDecoder, ImageRef, ServedModel, primed, sse_stream
+from lmm.errors import BadRequest, ModelNotFound, Unsupported
+from lmm.pipeline import Delta, Pipeline, collect, user_messages
+from lmm.protocol import Usage
+
+_IMAGE_DATA_URL = re.compile(r"^data:image/[\w.+-]+(;[^,;]+)*;base64,", re.I)
+
+
+def to_hf_messages(messages: list[oai.ChatMessage]) -> tuple[list[dict], list[ImageRef]]:
+    """HF multimodal messages for the chat template, and the images in order."""
+    converted: list[dict] = []
+    images: list[ImageRef] = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.tool_calls:
+            raise Unsupported("tool calls are not supported by this model.",
+                              f"messages.{i}.tool_calls")
+        content = "" if message.content is None else message.content
+        parts: list[dict] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        else:
+            for j, part in enumerate(content):
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                param = f"messages.{i}.content.{j}.image_url"
+                if role != "user":
+                    raise BadRequest("images are accepted in user messages only.", param)
+                parts.append({"type": "image"})
+                images.append(ImageRef(part.url, param, bare_base64=False))
+        converted.append({"role": role, "content": parts})
+    return converted, images
+
+
+class OpenAIServing:
+    """Chat, text completions, embeddings and models over one ``Pipeline``."""
+
+    def __init__(self, pipeline: Pipeline, chat_model: ServedModel,
+                 embedding_model: ServedModel, images: ImageDecoder | None = None):
+        self.pipeline = pipeline
+        self.config = pipeline.config
+        self.chat_model = chat_model
+        self.embedding_model = embedding_model
+        self.images = images or ImageDecoder(self.config.images)
+
+    # -- models ------------------------------------------------------------------------
+    def models(self) -> oai.ModelList:
+        return oai.ModelList(data=[self.chat_model.openai(), self.embedding_model.openai()])
+
+    def model(self, name: str, embedding: bool = False) -> ServedModel:
+        """The served model called ``name`` (for the endpoint at hand); 404 otherwise."""
+        served = [self.chat_model] + ([self.embedding_model] if embedding else [])
+        for model in served:
+            if model.id == name:
+                return model
+        raise ModelNotFound(
+            f"model {name!r} does not exist on this server; use "
+            + " or ".join(repr(m.id) for m in served) + " (see GET /v1/models).", "model")
+
+    # -- completions -------------------------------------------------------------------
+    async def chat(self, request: oai.ChatCompletionRequest
+                   ) -> oai.ChatCompletion | AsyncIterator[str]:
+        self.model(request.model)
+        params, stop, n = request.sampling(self.config)
+        messages, refs = to_hf_messages(request.messages)
+        images = await self.images.decode(refs, self.config.images.max_images)
+        prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        head = self._head("chatcmpl", request)
+        run = self.pipeline.stream(prompt, params, stop, n)
+        if request.stream:
+            return sse_stream(_chat_chunks(await primed(run), head, n, request.include_usage))
+        texts, reasons, used = await collect(run, n)
+        return oai.ChatCompletion(**head, usage=used, choices=[
+            oai.ChatChoice(index=i, message=oai.AssistantMessage(content=t), finish_reason=r)
+            for i, (t, r) in enumerate(zip(texts, reasons))])
+
+    async def completion(self, request: oai.CompletionRequest
+                         ) -> oai.TextCompletion | AsyncIterator[str]:
+        self.model(request.model)
+        params, stop, n = request.sampling(self.config)
+        prompt = await asyncio.to_thread(
+            self.pipeline.build_prompt, user_messages(request.single_prompt(), 0), [])
+        head = self._head("cmpl", request)
+        run = self.pipeline.stream(prompt, params, stop, n)
+        if request.stream:
+            return sse_stream(_text_chunks(await primed(run), head, request.include_usage))
+        texts, reasons, used = await collect(run, n)
+        return oai.TextCompletion(**head, usage=used, choices=[
+            oai.CompletionChoice(index=i, text=t, finish_reason=r)
+            for i, (t, r) in enumerate(zip(texts, reasons))])
+
+    def _head(self, prefix: str, request: oai.SamplingRequest) -> dict:
+        """The fields every completion object and chunk of one run share."""
+        return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=request.model, system_fingerprint=self.chat_model.tag)
+
+    # -- embeddings --------------------------------------------------------------------
+    async def embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
+        self.model(request.model, embedding=True)  # the chat model's name embeds with CLIP too
+        items = [request.input] if isinstance(request.input, str) else request.input
+        if not items:
+            raise BadRequest("input is empty; send at least one text or image.", "input")
+        texts: list[tuple[int, str]] = []
+        refs: list[tuple[int, ImageRef]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, oai.ImageInput):
+                refs.append((i, ImageRef(item.image, f"input.{i}")))
+            elif _IMAGE_DATA_URL.match(item):
+                refs.append((i, ImageRef(item, f"input.{i}")))
+            else:
+                texts.append((i, item))
+        images = await self.images.decode([r for _, r in refs],
+                                          self.config.images.max_embed_images)
+        result = await self.pipeline.embed([t for _, t in texts], images)
+        vectors = dict(zip([i for i, _ in texts], result.texts))
+        vectors.update(zip([i for i, _ in refs], result.images))
+        dim = len(next(iter(vectors.values())))
+        if request.dimensions not in (None, dim):
+            raise Unsupported(f"dimensions must be {dim} for this model.", "dimensions")
+        data = [oai.Embedding(index=i, embedding=_encode(vectors[i], request.encoding_format))
+                for i in range(len(items))]
+        tokens = result.prompt_tokens
+        return oai.EmbeddingResponse(data=data, model=self.embedding_model.id, usage=oai.EmbeddingUsage(
+            prompt_tokens=tokens, total_tokens=tokens))
+
+
+async def _chat_chunks(run: AsyncIterator[Delta | Usage], head: dict, n: int,
+                       include_usage: bool) -> AsyncIterator[oai.ChatCompletionChunk]:
+    def chunk(index: int, delta: dict[str, str], reason: str | None = None):
+        choice = oai.ChunkChoice(index=index, delta=delta, finish_reason=reason)
+        return oai.ChatCompletionChunk(**head, choices=[choice])
+
+    for i in range(n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for d in run:
+        if isinstance(d, Usage):
+            if include_usage:
+                yield oai.ChatCompletionChunk(**head, choices=[], usage=d)
+            continue
+        if d.text:
+            yield chunk(d.index, {"content": d.text})
+        if d.finish_reason:
+            yield chunk(d.index, {}, d.finish_reason)
+
+
+async def _text_chunks(run: AsyncIterator[Delta | Usage], head: dict,
+                       include_usage: bool) -> AsyncIterator[oai.TextCompletion]:
+    async for d in run:
+        if isinstance(d, Usage):
+            if include_usage:
+                yield oai.TextCompletion(**head, choices=[], usage=d)
+            continue
+        choice = oai.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
+        yield oai.TextCompletion(**head, choices=[choice])
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
