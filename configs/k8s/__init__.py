@@ -8,19 +8,29 @@ start (``python -m bentoml_cli._internal.start start-http-server ... $BENTO_PATH
     start-http-server --service-name lmm-api --host 0.0.0.0 --port 3000 \\
         --depends lmm-llm=http://lmm-llm:3000 --depends lmm-vision=http://lmm-vision:3000
 
-The API service runs on CPU; each runner gets its own replicas, resources (``nvidia.com/gpu`` from
-the config's ``gpus``) and HPA. The deployment config is a ConfigMap mounted at ``CONFIG_PATH`` and
-named by ``LMM_CONFIG_FILE``; the API key comes from a Secret (referenced, never rendered).
+The services, their dependencies, workers, resources and timeouts come from the BentoML service
+graph itself (``service:LMMService`` and what it reaches through ``bentoml.depends``, imported with
+the config: ``service_graph``), so a service added there gets its manifests. The API service runs
+on CPU; each runner gets its own replicas, resources (``nvidia.com/gpu`` from its ``gpu``
+resource) and HPA. The deployment config is a ConfigMap mounted at ``CONFIG_PATH`` and named by
+``LMM_CONFIG_FILE``; the API key comes from a Secret (referenced, never rendered).
 
-Scaling is declared, not coded: ``render`` is a pure function of the config and the Bento tag, so
-``configs/k8s/rendered`` can be checked against a fresh render. ``start_args`` is the one place the
-start command is written; the split-topology test runs exactly these commands on loopback ports.
+Scaling is declared, not coded: ``render`` is a function of the config, the code's service graph
+and the Bento tag only, so ``configs/k8s/rendered`` can be checked against a fresh render.
+``start_args`` is the one place the start command is written; the split-topology test runs exactly
+these commands on loopback ports.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -46,28 +56,86 @@ IN_PROGRESS_METRIC = "bentoml_service_request_in_progress"
 EXAMPLE_BENTO = "bento-lmm:example"
 EXAMPLE_CONFIG = "configs/default.yaml"
 EXAMPLE_DIR = Path(__file__).parent / "rendered"
+ROOT = Path(__file__).resolve().parents[2]  # the project: `service:LMMService` is imported here
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """One BentoML service of the Bento as Kubernetes sees it."""
+    """One BentoML service of the Bento as Kubernetes sees it, as its decorators declared it."""
 
     name: str  # BentoML service name (`@bentoml.service(name=...)`), also the k8s object name
-    section: str  # its scaling section in LMMConfig
     depends: tuple[str, ...] = ()  # services it calls through `bentoml.depends`
     entry: bool = False  # the API service clients talk to
+    workers: int = 1  # `@bentoml.service(workers=...)`; the rest from its resources and traffic
+    cpu: str = "1"  # per worker
+    memory: str = "2Gi"  # per worker
+    gpus: int = 0  # per worker
+    timeout: int = 60  # request timeout, s (BentoML's default)
+    max_batch_size: int | None = None  # the largest cap of its batchable APIs, if any
+
+    @property
+    def section(self) -> str:
+        """Its scaling section in LMMConfig: `lmm-<section>` (lmm-api -> api)."""
+        return self.name.removeprefix("lmm-")
 
     def scaling(self, config: LMMConfig) -> ServiceScaling:
         return getattr(config, self.section)
 
+    @classmethod
+    def from_graph(cls, node: dict) -> "ServiceSpec":
+        """A service as ``configs.k8s.graph.walk`` reports it."""
+        resources, traffic = node["resources"], node["traffic"]
+        defaults = cls.__dataclass_fields__
+        return cls(
+            name=node["name"],
+            depends=tuple(node["depends"]),
+            entry=node["entry"],
+            workers=int(node["workers"]),
+            cpu=str(resources.get("cpu", defaults["cpu"].default)),
+            memory=str(resources.get("memory", defaults["memory"].default)),
+            gpus=int(resources.get("gpu", 0)),
+            timeout=int(traffic.get("timeout", defaults["timeout"].default)),
+            max_batch_size=node["max_batch_size"],
+        )
 
-# service.py: LMMService ("lmm-api") depends on runners/vision.py VisionEncoder ("lmm-vision") and
-# runners/llm.py LLM ("lmm-llm"); tests/unit/test_k8s_manifests.py checks this against the code.
-SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("lmm-api", "api", depends=("lmm-llm", "lmm-vision"), entry=True),
-    ServiceSpec("lmm-vision", "vision"),
-    ServiceSpec("lmm-llm", "llm"),
-)
+
+def service_graph(config_text: str) -> tuple[ServiceSpec, ...]:
+    """The services of ``service:LMMService`` imported with this config, entry first.
+
+    Read from the BentoML service objects (``bentoml.depends``, ``@bentoml.service`` workers,
+    resources and traffic), in a fresh interpreter: the services take their decorator arguments
+    from the config at import, once per process, and one process may render several configs.
+    """
+    return _graph(json.dumps(yaml.safe_load(config_text) or {}, sort_keys=True))
+
+
+@functools.cache
+def _graph(config_json: str) -> tuple[ServiceSpec, ...]:  # JSON is YAML: LMM_CONFIG_FILE reads it
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(config_json)
+        out = subprocess.run(
+            [sys.executable, "-m", "configs.k8s.graph"],
+            cwd=ROOT,
+            env={**os.environ, "LMM_CONFIG_FILE": str(path), "BENTOML_DO_NOT_TRACK": "True"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if out.returncode != 0:
+        raise RuntimeError(f"reading the BentoML service graph failed:\n{out.stderr[-4000:]}")
+    last = out.stdout.strip().splitlines()[-1]
+    return tuple(ServiceSpec.from_graph(node) for node in json.loads(last))
+
+
+def __getattr__(name: str):
+    # SERVICES: the graph under the example config, read on first use. Names, dependencies and
+    # the entry are the same under every config; workers and resources are the example's.
+    if name == "SERVICES":
+        return service_graph((ROOT / EXAMPLE_CONFIG).read_text())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DEFAULT_MAX_REPLICAS = 4
 
 
@@ -128,15 +196,15 @@ def _meta(name: str, labels: dict, namespace: str | None, **extra) -> dict:
     return meta
 
 
-def _resources(scaling: ServiceScaling) -> dict:
-    workers = scaling.workers
+def _resources(spec: ServiceSpec) -> dict:
+    workers = spec.workers
     requests = {
-        "cpu": scale_cpu(scaling.cpu, workers),
-        "memory": scale_memory(scaling.memory, workers),
+        "cpu": scale_cpu(spec.cpu, workers),
+        "memory": scale_memory(spec.memory, workers),
     }
     limits = {"memory": requests["memory"]}  # no CPU limit: throttling hurts latency
-    if scaling.gpus:
-        limits["nvidia.com/gpu"] = scaling.gpus * workers
+    if spec.gpus:
+        limits["nvidia.com/gpu"] = spec.gpus * workers
     return {"requests": requests, "limits": limits}
 
 
@@ -158,7 +226,6 @@ def deployment(
     namespace: str | None,
     replicas: int,
 ) -> dict:
-    scaling = spec.scaling(config)
     version = bento.partition(":")[2]
     labels = {
         **_labels(spec),
@@ -180,7 +247,7 @@ def deployment(
         "args": start_args(spec.name, {d: service_url(d) for d in spec.depends}),
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": env,
-        "resources": _resources(scaling),
+        "resources": _resources(spec),
         # Model loading can take minutes on a cold node: the startup probe holds the others off.
         "startupProbe": _probe("/livez", 5, 120),
         "livenessProbe": _probe("/livez", 10, 3),
@@ -197,11 +264,11 @@ def deployment(
             "fsGroup": BENTO_UID,
         },
         # In-flight requests finish before the pod goes (the service's request timeout).
-        "terminationGracePeriodSeconds": scaling.timeout + 30,
+        "terminationGracePeriodSeconds": spec.timeout + 30,
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": CONFIG_MAP}}],
     }
-    if scaling.gpus:
+    if spec.gpus:
         pod["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
@@ -242,16 +309,14 @@ def service(spec: ServiceSpec, namespace: str | None) -> dict:
 def autoscaler(
     spec: ServiceSpec, config: LMMConfig, namespace: str | None, replicas: int, max_replicas: int
 ) -> dict:
-    scaling = spec.scaling(config)
-    if scaling.gpus:
-        # Requests in flight per pod: an LLM pod is full at max_num_seqs sequences, a vision pod
-        # at one batch.
-        per_worker = (
-            config.llm.max_num_seqs
-            if spec.section == "llm"
-            else config.vision.batching.max_batch_size
-        )
-        target = max(1, per_worker * scaling.workers * 3 // 4)
+    if spec.gpus:
+        # Requests in flight per pod: an LLM pod is full at max_num_seqs sequences, a batching
+        # runner (the vision one) at one batch, any other at one request per worker.
+        if spec.section == "llm":
+            per_worker = config.llm.max_num_seqs
+        else:
+            per_worker = spec.max_batch_size or 1
+        target = max(1, per_worker * spec.workers * 3 // 4)
         metrics = [
             {
                 "type": "Pods",
@@ -304,19 +369,24 @@ def render(
     namespace: str | None = None,
     replicas: dict[str, int] | None = None,
     max_replicas: dict[str, int] | None = None,
+    services: tuple[ServiceSpec, ...] | None = None,
 ) -> dict[str, list[dict]]:
-    """File name -> Kubernetes objects: the ConfigMap, then one file per BentoML service."""
+    """File name -> Kubernetes objects: the ConfigMap, then one file per BentoML service.
+
+    ``services`` defaults to the graph ``service:LMMService`` declares under this config."""
     name, _, version = bento.partition(":")
     if not name or not version or version == "latest":
         raise ValueError(f"--bento needs NAME:VERSION with a concrete version, got {bento!r}")
     image = image or f"localhost/{name}:{version}"
     replicas, max_replicas = replicas or {}, max_replicas or {}
-    unknown = (set(replicas) | set(max_replicas)) - {s.name for s in SERVICES}
+    if services is None:
+        services = service_graph(config_text)
+    unknown = (set(replicas) | set(max_replicas)) - {s.name for s in services}
     if unknown:
-        raise ValueError(f"unknown services {sorted(unknown)}; known: {[s.name for s in SERVICES]}")
+        raise ValueError(f"unknown services {sorted(unknown)}; known: {[s.name for s in services]}")
     sha = hashlib.sha256(config_text.encode()).hexdigest()[:16]
     files = {"configmap.yaml": [config_map(config_text, namespace)]}
-    for spec in SERVICES:
+    for spec in services:
         n = replicas.get(spec.name, 1)
         files[f"{spec.name}.yaml"] = [
             deployment(spec, config, bento, image, sha, namespace, n),

@@ -18,7 +18,6 @@ from configs.k8s import (
     EXAMPLE_BENTO,
     EXAMPLE_CONFIG,
     EXAMPLE_DIR,
-    SERVICES,
     load_config,
     render,
     write,
@@ -56,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         "scripts/image.sh tags it; use your registry's)",
     )
     parser.add_argument("--namespace", help="metadata.namespace (default: none, kubectl's -n)")
-    services = ", ".join(s.name for s in SERVICES)
     parser.add_argument(
         "--replicas",
         action="append",
         default=[],
         metavar="SERVICE=N",
-        help=f"replicas and HPA minimum (default 1); services: {services}",
+        help="replicas and HPA minimum (default 1) of one BentoML service of the Bento, by name "
+        "(lmm-api, ...)",
     )
     parser.add_argument(
         "--max-replicas",

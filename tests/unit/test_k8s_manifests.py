@@ -22,13 +22,16 @@ from configs.k8s import (
     GENERATED,
     PORT,
     SERVICES,
+    ServiceSpec,
     dump,
     load_config,
     render,
     scale_cpu,
     scale_memory,
+    service_graph,
     service_url,
 )
+from configs.k8s.graph import walk
 
 pytestmark = pytest.mark.unit
 
@@ -110,6 +113,84 @@ def test_services_match_the_code():
     }
     assert graph == {s.name: sorted(s.depends) for s in SERVICES}
     assert [s.name for s in SERVICES if s.entry] == [LMMService.name]
+    assert sorted(SERVICES[0].depends) == sorted(
+        dep.on.name for dep in LMMService.dependencies.values()
+    )
+    # read in a fresh interpreter with the config, it is what this process imported
+    assert SERVICES == tuple(ServiceSpec.from_graph(n) for n in walk(LMMService))
+
+
+@pytest.mark.parametrize("config_file", ["configs/default.yaml", "configs/gpu.yaml"])
+def test_declared_scaling_is_the_config_sections(config_file):
+    """Workers, resources and timeouts come from the service objects, imported with the
+    config: they are what each section of that config says."""
+    config, text = load_config(ROOT / config_file)
+    for spec in service_graph(text):
+        scaling = spec.scaling(config)
+        assert (spec.workers, spec.cpu, spec.memory, spec.gpus, spec.timeout) == (
+            scaling.workers, scaling.cpu, scaling.memory, scaling.gpus, scaling.timeout
+        ), spec.name
+    vision = next(s for s in service_graph(text) if s.name == "lmm-vision")
+    assert vision.max_batch_size == config.vision.batching.max_batch_size
+
+
+def test_a_config_change_reaches_the_manifests_through_the_services(tmp_path):
+    path = tmp_path / "config.yaml"
+    default = (ROOT / EXAMPLE_CONFIG).read_text()
+    path.write_text(default.replace("llm:\n  backend: transformers\n  workers: 1",
+                                    "llm:\n  backend: transformers\n  workers: 3"))
+    config, text = load_config(path)
+    assert config.llm.workers == 3
+    llm = by_kind(render(config, text, EXAMPLE_BENTO), "Deployment")["lmm-llm"]
+    assert container(llm)["resources"]["limits"]["nvidia.com/gpu"] == 3
+    assert container(llm)["resources"]["requests"]["cpu"] == "3"
+
+
+def test_a_service_added_to_the_graph_gets_its_manifests():
+    """A BentoML service reached through `bentoml.depends` is rendered like the others."""
+    import bentoml
+
+    from runners.llm import LLM
+
+    @bentoml.service(name="lmm-extra", workers=2, traffic={"timeout": 120},
+                     resources={"cpu": "500m", "memory": "1Gi", "gpu": 1})
+    class Extra:
+        @bentoml.api(batchable=True, max_batch_size=8, max_latency_ms=1000)
+        def double(self, xs: list[int]) -> list[int]:
+            return [2 * x for x in xs]
+
+    @bentoml.service(name="lmm-gateway", resources={"cpu": "1", "memory": "1Gi"})
+    class Gateway:
+        llm = bentoml.depends(LLM)
+        extra = bentoml.depends(Extra)
+
+        @bentoml.api
+        def ping(self) -> str:
+            return "pong"
+
+    services = tuple(ServiceSpec.from_graph(n) for n in walk(Gateway))
+    assert services[0].name == "lmm-gateway" and services[0].entry  # entry first
+    assert {(s.name, s.depends, s.entry) for s in services} == {
+        ("lmm-gateway", ("lmm-extra", "lmm-llm"), True),
+        ("lmm-llm", (), False),
+        ("lmm-extra", (), False),
+    }
+    config, text = load_config(ROOT / EXAMPLE_CONFIG)
+    files = render(config, text, EXAMPLE_BENTO, services=services)
+    assert set(files) == {"configmap.yaml", "lmm-gateway.yaml", "lmm-llm.yaml", "lmm-extra.yaml"}
+    for obj in objects(files):
+        validate(obj)
+    extra = by_kind(files, "Deployment")["lmm-extra"]
+    assert container(extra)["resources"] == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"memory": "2Gi", "nvidia.com/gpu": 2},
+    }
+    assert extra["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 150
+    hpa = by_kind(files, "HorizontalPodAutoscaler")["lmm-extra"]["spec"]["metrics"][0]
+    assert hpa["pods"]["target"]["averageValue"] == "12"  # 8 per batch x 2 workers x 3/4
+    gateway = container(by_kind(files, "Deployment")["lmm-gateway"])
+    assert arg(gateway["args"], "--depends") == [
+        f"lmm-extra={service_url('lmm-extra')}", f"lmm-llm={service_url('lmm-llm')}"]
 
 
 def container(deployment: dict) -> dict:
