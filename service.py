@@ -172,6 +172,7 @@ class LMMService:
             image_tokens=self.image_tokens,
             max_tokens_limit=CONFIG.max_tokens_limit,
             max_model_len=CONFIG.llm.max_model_len,
+            max_num_seqs=CONFIG.llm.max_num_seqs,
             images=ImageLimitsInfo(max_images=limits.max_images,
                                    max_embed_images=limits.max_embed_images,
                                    max_bytes=limits.max_bytes, max_pixels=limits.max_pixels),

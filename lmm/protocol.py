@@ -94,6 +94,7 @@ class ModelInfo(BaseModel):
     image_tokens: int = Field(description="Prompt tokens one image takes.")
     max_tokens_limit: int
     max_model_len: int
+    max_num_seqs: int = Field(description="Sequences the LLM engine decodes together.")
     images: ImageLimitsInfo
 
 
