@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import ast
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 from bentoml._internal.bento.build_config import BentoPathSpec
 
-# BentoML builds its specs with pathspec's deprecated "gitwildmatch" name.
-pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 BENTOFILES = ("bentofile.yaml", "bentofile.gpu.yaml")
@@ -33,7 +33,9 @@ def included_files(bentofile: str) -> set[str]:
     """The project files `bentoml build -f bentofile` copies into the Bento, as it decides it:
     each path relative to the build context, in the form BentoML's walk gives it."""
     spec = yaml.safe_load((ROOT / bentofile).read_text())
-    specs = BentoPathSpec(spec["include"], spec.get("exclude", []), str(ROOT))
+    with warnings.catch_warnings():  # BentoML asks pathspec for its deprecated "gitwildmatch"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        specs = BentoPathSpec(spec["include"], spec.get("exclude", []), str(ROOT))
     found = set()
     for root, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS]  # large; never part of the Bento
