@@ -1,7 +1,8 @@
 """Latency and throughput of a running bento-lmm: `python bench/load.py --url URL`.
 
 Sends shapes images with questions through /generate at a fixed concurrency and prints
-p50/p90/p99 latency, throughput, status counts and the batch sizes the runners reported.
+p50/p90/p99 latency, throughput, status counts and the batch sizes the runners ran (/runner_stats:
+summed over every worker of each runner, since the server started).
 """
 
 from __future__ import annotations

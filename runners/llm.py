@@ -17,6 +17,7 @@ from typing import AsyncGenerator
 import bentoml
 import numpy as np
 
+from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config
 from lmm.errors import BadRequest
 from lmm.protocol import RunnerStats, SamplingParams
@@ -27,11 +28,10 @@ logger = logging.getLogger(__name__)
 # answers 503 and requests in flight fail), the worker exits and BentoML starts a fresh one.
 RESTART_AFTER_S = 3.0
 
-BATCH_SIZE = bentoml.metrics.Histogram(
-    name="lmm_llm_batch_size",
-    documentation="Sequences decoded together in one engine step",
-    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-)
+# Per process (each worker), written to BentoML's shared metrics folder: /runner_stats and
+# /metrics sum them over every worker. One bucket per size up to the engine's cap.
+BATCH_SIZE = stats.llm_batch_size(CONFIG.llm.max_num_seqs)
+RUNNING = stats.llm_running()
 
 
 @bentoml.service(
@@ -82,25 +82,20 @@ class LLM:
         hidden] (an empty array for none)."""
         features = image_features if image_features.size else None
         stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
+        RUNNING.inc()
         try:
-            first = await anext(stream)
-        except ValueError as exc:  # the engine's own validation: a client fault
-            raise BadRequest(str(exc)) from None
-        try:
+            try:
+                first = await anext(stream)
+            except ValueError as exc:  # the engine's own validation: a client fault
+                raise BadRequest(str(exc)) from None
             yield first.model_dump_json() + "\n"
             async for output in stream:
                 yield output.model_dump_json() + "\n"
         finally:
             await stream.aclose()  # the caller went away: free the sequence's batch slot
+            RUNNING.dec()
 
     @bentoml.api
     def stats(self) -> RunnerStats:
-        """Decode batch sizes the engine has run."""
-        histogram = self.engine.stats()
-        return RunnerStats(
-            service="lmm-llm",
-            batches=sum(histogram.values()),
-            max_batch_size_seen=max(histogram, default=0),
-            batch_size_histogram=histogram,
-            running=self.engine.running(),
-        )
+        """Decode batch sizes every worker of this runner has run, and its sequences now."""
+        return stats.runner_stats(stats.LLM)

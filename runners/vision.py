@@ -9,11 +9,15 @@ from __future__ import annotations
 import bentoml
 import numpy as np
 
+from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config
 from lmm.protocol import RunnerStats
 
 CONFIG = load_config()
 _CAPS = CONFIG.vision.batching
+# Per process (each worker), written to BentoML's shared metrics folder: /runner_stats and
+# /metrics sum them over every worker. Sizes are images or texts, one bucket per size up to the cap.
+BATCH_SIZE = stats.vision_batch_size(_CAPS.max_batch_size)
 
 with bentoml.importing():
     from lmm.encoders import ClipEmbedder, LlavaVisionEncoder
@@ -37,11 +41,9 @@ class VisionEncoder:
             torch.set_num_threads(CONFIG.torch_threads)
         self.encoder = LlavaVisionEncoder(self.llava.path, CONFIG.device, CONFIG.dtype)
         self.embedder = ClipEmbedder(self.clip.path, CONFIG.device, CONFIG.dtype)
-        self.batch_sizes: dict[str, dict[int, int]] = {}
 
     def _record(self, api: str, size: int) -> None:
-        sizes = self.batch_sizes.setdefault(api, {})
-        sizes[size] = sizes.get(size, 0) + 1
+        BATCH_SIZE.labels(api=api).observe(size)
 
     @bentoml.api(batchable=True, max_batch_size=_CAPS.max_batch_size,
                  max_latency_ms=_CAPS.max_latency_ms)
@@ -66,14 +68,5 @@ class VisionEncoder:
 
     @bentoml.api
     def stats(self) -> RunnerStats:
-        """Batch sizes this worker has run, per API (sizes are images or texts)."""
-        merged: dict[int, int] = {}
-        for sizes in self.batch_sizes.values():
-            for size, count in sizes.items():
-                merged[size] = merged.get(size, 0) + count
-        return RunnerStats(
-            service="lmm-vision",
-            batches=sum(merged.values()),
-            max_batch_size_seen=max(merged, default=0),
-            batch_size_histogram=merged,
-        )
+        """Batch sizes every worker of this runner has run, all APIs together (images or texts)."""
+        return stats.runner_stats(stats.VISION)
