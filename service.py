@@ -16,6 +16,7 @@ from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
+from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
 from lmm.errors import BadRequest, ErrorShape, json_error
 from lmm.openai_api import app as openai_app
@@ -197,10 +198,14 @@ async def _native_events(run):
         yield event
 
 
-# Bound the buffered body by what the largest valid request can carry (base64 inflates by 4/3).
+# Outermost first: no key, no work (not even buffering an upload); then every error body in the
+# one shape; then the upload guard. Bound the buffered body by what the largest valid request
+# can carry (base64 inflates by 4/3).
+LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
+                               protect_metrics=CONFIG.auth.protect_metrics)
+LMMService.add_asgi_middleware(ErrorShape)
 LMMService.add_asgi_middleware(
     UploadGuard, fields=("images", "query_image", "candidate_images"),
     max_body=2 * CONFIG.images.max_bytes * max(CONFIG.images.max_images,
                                                 CONFIG.images.max_embed_images) + (1 << 20),
 )
-LMMService.add_asgi_middleware(ErrorShape)

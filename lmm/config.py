@@ -113,6 +113,14 @@ class ImageLimits(_Strict):
     fetch_timeout_s: Annotated[float, Ge(0.1)] = 10.0
 
 
+class AuthConfig(_Strict):
+    """API keys (lmm.auth): LMM_API_KEY from the environment, and/or a keys file."""
+
+    api_keys_file: str | None = Field(
+        None, description="One key per line (# comments), re-read when it changes (rotation).")
+    protect_metrics: bool = Field(True, description="/metrics needs a key too (when keys exist).")
+
+
 class LMMConfig(_Strict):
     """The whole deployment: models, devices, limits and per-service scaling."""
 
@@ -129,6 +137,7 @@ class LMMConfig(_Strict):
     vision: VisionConfig = VisionConfig(gpus=1)
     llm: LLMConfig = LLMConfig(gpus=1)
     images: ImageLimits = ImageLimits()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> "LMMConfig":

@@ -105,10 +105,12 @@ def server_home(bentoml_home: Path, where: Path) -> Path:
 
 
 def serve(bentoml_home: Path, log_dir: Path, config: str = "configs/test.yaml",
-          extra: list[str] = ()) -> Server:
+          extra: list[str] = (), env: dict[str, str] | None = None) -> Server:
+    """A server of ``config``; ``env`` adds variables (an API key is never inherited)."""
     port = free_port()
     home = server_home(bentoml_home, log_dir / f"home-{port}")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    inherited = {k: v for k, v in os.environ.items() if k != "LMM_API_KEY"}
+    env = {**inherited, **(env or {}), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     cmd = [BENTOML, "serve", "service:LMMService", "--host", "127.0.0.1", "--port", str(port),
            "--arg-file", config, *extra]
     return Server(cmd, env, port, log_dir / f"serve-{port}.log")
