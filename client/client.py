@@ -1,192 +1,85 @@
-"""Sync and async Python clients of the native bento-lmm API (/generate, /embed, ...).
+"""Sync and async Python clients of the native bento-lmm API (/generate, /embed, /rank, ...).
 
-Images may be paths, bytes or PIL images; they travel as multipart file uploads. Any non-2xx
-answer, and an error event inside a stream, raises ``ClientError`` with the server's message.
+Images may be paths, bytes or PIL images; they travel as multipart file uploads (base64 in
+/rank). Any non-2xx answer, and an error event inside a stream, raises ``ClientError`` with
+the server's message. Requests are built and answers parsed in ``client.api``; the two
+classes here only send them.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence, Union
+import asyncio
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-try:  # PIL is optional for the client
-    from PIL import Image as _PILImage
-except ImportError:  # pragma: no cover
-    _PILImage = None
+from client import api
+from client.api import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    EmbedResult,
+    GenerateResult,
+    ImageInput,
+    RankResult,
+    StreamEvent,
+)
 
-ImageInput = Union[str, os.PathLike, bytes, "_PILImage.Image"]
-DEFAULT_TIMEOUT = 120.0
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-
-class ClientError(Exception):
-    """The server refused or failed a request (``status_code`` 0: an error inside a stream)."""
-
-    def __init__(self, message: str, status_code: int = 0, param: str | None = None):
-        super().__init__(f"{status_code}: {message}" if status_code else message)
-        self.message = message
-        self.status_code = status_code
-        self.param = param
+    from client.api import GenerateParams
 
 
-@dataclass
-class GenerateResult:
-    """What /generate returned: the first completion, every completion and token usage."""
+class _Progress:
+    """Items done out of a total on stderr: tqdm when installed, else one rewritten line."""
 
-    text: str
-    finish_reason: str | None
-    texts: list[str]
-    finish_reasons: list[str | None]
-    usage: dict[str, int]
-    model: str
+    def __init__(self, total: int, enabled: bool, label: str = "embed"):
+        self.total, self.done, self.label, self.enabled = total, 0, label, enabled
+        self._bar, self._lock = None, threading.Lock()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self._draw()
+            else:
+                self._bar = tqdm(total=total, desc=label, unit="item", file=sys.stderr)
 
-    @classmethod
-    def from_json(cls, body: dict) -> GenerateResult:
-        completions = body.get("completions") or [
-            {"text": body["text"], "finish_reason": body.get("finish_reason")}]
-        return cls(text=body["text"], finish_reason=body.get("finish_reason"),
-                   texts=[c["text"] for c in completions],
-                   finish_reasons=[c.get("finish_reason") for c in completions],
-                   usage=dict(body.get("usage") or {}), model=body.get("model", ""))
+    def update(self, n: int) -> None:
+        with self._lock:  # Client.embed's threads
+            self.done += n
+            if self._bar is not None:
+                self._bar.update(n)
+            elif self.enabled:
+                self._draw()
 
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
 
-@dataclass
-class StreamEvent:
-    """One /generate_stream event: a text delta, a finish reason, or the final usage."""
-
-    text: str = ""
-    index: int = 0
-    finish_reason: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class EmbedResult:
-    model: str
-    dim: int
-    text_embeddings: list[list[float]]
-    image_embeddings: list[list[float]]
-
-
-def _image_file(image: ImageInput, i: int) -> tuple[str, bytes, str]:
-    """(filename, bytes, content type) of one image for a multipart upload."""
-    if _PILImage is not None and isinstance(image, _PILImage.Image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return f"image{i}.png", buffer.getvalue(), "image/png"
-    if isinstance(image, (bytes, bytearray)):
-        data, name = bytes(image), f"image{i}"
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        data, name = path.read_bytes(), path.name
-    else:
-        raise TypeError(f"image {i}: expected a path, bytes or a PIL image, got {type(image)}")
-    kind = ("image/png" if data.startswith(b"\x89PNG") else
-            "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream")
-    return name, data, kind
-
-
-def _request(fields: dict[str, Any], images: Sequence[ImageInput] | None) -> dict[str, Any]:
-    """httpx keyword arguments: JSON, or multipart (JSON-encoded fields) when there are images."""
-    if not images:
-        return {"json": fields}
-    # BentoML's multipart parser json-decodes each field; encoding them keeps "42" a string.
-    data = {k: json.dumps(v) for k, v in fields.items()}
-    return {"data": data, "files": [("images", _image_file(im, i)) for i, im in enumerate(images)]}
-
-
-def _generate_fields(prompt: str, max_tokens: int | None, temperature: float | None,
-                     top_k: int | None, top_p: float | None, repetition_penalty: float | None,
-                     do_sample: bool | None, num_return_sequences: int, stop: str | list | None,
-                     seed: int | None, system_prompt: str | None) -> dict[str, Any]:
-    if do_sample is False:
-        temperature = 0.0
-    elif do_sample and not temperature:
-        temperature = 1.0
-    fields: dict[str, Any] = {"prompt": prompt, "n": num_return_sequences}
-    optional = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
-                "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
-                "system_prompt": system_prompt,
-                "stop": [stop] if isinstance(stop, str) else stop}
-    fields.update({k: v for k, v in optional.items() if v is not None})
-    return fields
-
-
-def error_message(body: Any) -> tuple[str, str | None]:
-    """The message (and param) of a BentoML or OpenAI-style error body."""
-    if isinstance(body, list) and body and isinstance(body[0], dict):
-        body = body[0]
-    if isinstance(body, dict):
-        error = body.get("error", body.get("detail"))
-        if isinstance(error, dict):
-            return str(error.get("message", error)), error.get("param")
-        detail = body.get("detail")
-        if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
-            locs = [".".join(map(str, d.get("loc", []))) for d in detail]
-            issues = "; ".join(f"{loc}: {d.get('msg')}" for loc, d in zip(locs, detail))
-            return issues, locs[0] or None
-        if error is not None:
-            return str(error), None
-    return str(body), None
-
-
-def raise_for_status(response: httpx.Response) -> None:
-    """ClientError carrying the server's message for any non-2xx response (body read)."""
-    if response.is_success:
-        return
-    try:
-        message, param = error_message(response.json())
-    except ValueError:
-        message, param = response.text or response.reason_phrase, None
-    raise ClientError(message, response.status_code, param)
-
-
-def parse_sse(line: str) -> Any:
-    """The JSON payload of one ``data:`` line; None for other lines; "[DONE]" as is."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    return data if data == "[DONE]" else json.loads(data)
-
-
-def _event(payload: dict) -> StreamEvent:
-    if "error" in payload:
-        message, param = error_message(payload)
-        raise ClientError(message, 0, param)
-    if "usage" in payload:
-        return StreamEvent(usage=dict(payload["usage"]))
-    return StreamEvent(text=payload.get("text", ""), index=payload.get("index", 0),
-                       finish_reason=payload.get("finish_reason"))
-
-
-def _one_sequence(params: dict[str, Any]) -> None:
-    if params.get("num_return_sequences", 1) != 1:
-        raise ValueError("generate_stream streams one sequence; use stream() for several")
-
-
-def _embed_result(body: dict) -> EmbedResult:
-    return EmbedResult(model=body["model"], dim=body["dim"],
-                       text_embeddings=body["text_embeddings"],
-                       image_embeddings=body["image_embeddings"])
-
-
-def _embed_fields(texts: Sequence[str] | None, images: Sequence[ImageInput] | None) -> dict:
-    if not texts and not images:
-        raise ValueError("embed() needs texts and/or images")
-    return {"texts": list(texts or [])}
+    def _draw(self) -> None:
+        filled = 30 * self.done // max(self.total, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
+                         f"{self.done}/{self.total}")
+        sys.stderr.flush()
 
 
 class Client:
-    """Blocking client: ``Client(url).generate("What shape is this?", images=[img])``."""
+    """Blocking client: ``Client(url).generate("What shape is this?", images=[img])``.
 
-    def __init__(self, url: str = "http://localhost:3000", timeout: float = DEFAULT_TIMEOUT):
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+    ``api_key`` (else ``$LMM_API_KEY``), if any, is sent as ``Authorization: Bearer``.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = DEFAULT_TIMEOUT,
+                 api_key: str | None = None):
+        self._http = httpx.Client(**api.http_options(url, timeout, api_key))
+        self.url = str(self._http.base_url).rstrip("/")
+        self._embed_batch: int | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -197,55 +90,78 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, **kwargs: Any) -> Any:
-        response = self._http.post(path, **kwargs)
-        raise_for_status(response)
-        return response.json()
+    def _send(self, call: api.Call[api.T]) -> api.T:
+        response = self._http.post(call.path, **call.kwargs)
+        api.check(response)
+        return call.parse(response.json())
 
-    def generate(self, prompt: str, images: Sequence[ImageInput] | None = None,
-                 max_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, do_sample: bool | None = None,
-                 num_return_sequences: int = 1, stop: str | list[str] | None = None,
-                 seed: int | None = None, system_prompt: str | None = None) -> GenerateResult:
-        """Generate text for a prompt and 0..N images (server defaults for unset parameters)."""
-        fields = _generate_fields(prompt, max_tokens, temperature, top_k, top_p,
-                                  repetition_penalty, do_sample, num_return_sequences, stop,
-                                  seed, system_prompt)
-        return GenerateResult.from_json(self._post("/generate", **_request(fields, images)))
-
-    def stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
-               **params: Any) -> Iterator[StreamEvent]:
-        """Every /generate_stream event (deltas, finish reasons, then usage)."""
-        fields = _generate_fields(prompt, **{**_STREAM_DEFAULTS, **params})
-        with self._http.stream("POST", "/generate_stream", **_request(fields, images)) as resp:
-            if not resp.is_success:
-                resp.read()
-                raise_for_status(resp)
-            for line in resp.iter_lines():
-                payload = parse_sse(line)
-                if payload == "[DONE]":
+    def _events(self, call: api.Call[StreamEvent]) -> Iterator[StreamEvent]:
+        with self._http.stream("POST", call.path, **call.kwargs) as response:
+            if not response.is_success:
+                response.read()
+            api.check(response)
+            for line in response.iter_lines():
+                payload = api.sse(line)
+                if payload == api.DONE:
                     return
                 if payload is not None:
-                    yield _event(payload)
+                    yield call.parse(payload)
+
+    def generate(self, prompt: str, images: Sequence[ImageInput] | None = None,
+                 **params: Unpack[GenerateParams]) -> GenerateResult:
+        """Generate text for a prompt and 0..N images (server defaults for unset parameters)."""
+        return self._send(api.generate(prompt, images, params))
+
+    def stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
+               **params: Unpack[GenerateParams]) -> Iterator[StreamEvent]:
+        """Every /generate_stream event (deltas, finish reasons, then usage)."""
+        return self._events(api.stream(prompt, images, params))
 
     def generate_stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
-                        **params: Any) -> Iterator[str]:
+                        **params: Unpack[GenerateParams]) -> Iterator[str]:
         """Text deltas of one completion as they are generated (same parameters as generate)."""
-        _one_sequence(params)
-        for event in self.stream(prompt, images, **params):
-            if event.text:
-                yield event.text
+        call = api.stream(prompt, images, params, one_sequence=True)
+        return (event.text for event in self._events(call) if event.text)
 
     def embed(self, texts: Sequence[str] | None = None,
-              images: Sequence[ImageInput] | None = None) -> EmbedResult:
-        """CLIP embeddings (L2-normalized) of texts and/or images."""
-        fields = _embed_fields(texts, images)
-        return _embed_result(self._post("/embed", **_request(fields, images)))
+              images: Sequence[ImageInput] | None = None, *, batch_size: int | None = None,
+              concurrency: int = 4, progress: bool = False) -> EmbedResult:
+        """CLIP embeddings (L2-normalized) of texts and/or images, in input order.
+
+        Large inputs go as requests of ``batch_size`` items (default: the server's
+        images.max_embed_images), up to ``concurrency`` at a time (threads).
+        """
+        if not texts and not images:
+            raise ValueError("embed() needs texts and/or images")
+        calls = api.embed(texts, images, batch_size or self._embed_batch_size())
+        bar = _Progress(len(texts or ()) + len(images or ()), progress)
+
+        def one(call: api.Call[EmbedResult]) -> EmbedResult:
+            result = self._send(call)
+            bar.update(result.count)
+            return result
+
+        pool = ThreadPoolExecutor(max(1, min(concurrency, len(calls))))
+        try:
+            return EmbedResult.concat(list(pool.map(one, calls)))
+        finally:
+            pool.shutdown(cancel_futures=True)
+            bar.close()
+
+    def _embed_batch_size(self) -> int:
+        if self._embed_batch is None:
+            self._embed_batch = api.embed_batch_size(self.model_info())
+        return self._embed_batch
+
+    def rank(self, query: str | ImageInput,
+             candidates: Sequence[str | ImageInput]) -> list[RankResult]:
+        """Candidates (texts and/or images) by descending similarity to the query (a text or
+        an image); a str is always text, so pass image paths as ``pathlib.Path``."""
+        return self._send(api.rank(query, candidates))
 
     def model_info(self) -> dict[str, Any]:
         """Served models (store tags), limits and backends."""
-        return self._post("/model_info", json={})
+        return self._send(api.model_info())
 
     def health(self) -> bool:
         """Whether the server answers /readyz with 200."""
@@ -258,9 +174,11 @@ class Client:
 class AsyncClient:
     """Asyncio client with the same methods as ``Client`` (streams are async iterators)."""
 
-    def __init__(self, url: str = "http://localhost:3000", timeout: float = DEFAULT_TIMEOUT):
-        self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = DEFAULT_TIMEOUT,
+                 api_key: str | None = None):
+        self._http = httpx.AsyncClient(**api.http_options(url, timeout, api_key))
+        self.url = str(self._http.base_url).rstrip("/")
+        self._embed_batch: int | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -271,58 +189,79 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, **kwargs: Any) -> Any:
-        response = await self._http.post(path, **kwargs)
-        raise_for_status(response)
-        return response.json()
+    async def _send(self, call: api.Call[api.T]) -> api.T:
+        response = await self._http.post(call.path, **call.kwargs)
+        api.check(response)
+        return call.parse(response.json())
 
-    async def generate(self, prompt: str, images: Sequence[ImageInput] | None = None,
-                       max_tokens: int | None = None, temperature: float | None = None,
-                       top_k: int | None = None, top_p: float | None = None,
-                       repetition_penalty: float | None = None, do_sample: bool | None = None,
-                       num_return_sequences: int = 1, stop: str | list[str] | None = None,
-                       seed: int | None = None, system_prompt: str | None = None
-                       ) -> GenerateResult:
-        """Generate text for a prompt and 0..N images."""
-        fields = _generate_fields(prompt, max_tokens, temperature, top_k, top_p,
-                                  repetition_penalty, do_sample, num_return_sequences, stop,
-                                  seed, system_prompt)
-        body = await self._post("/generate", **_request(fields, images))
-        return GenerateResult.from_json(body)
-
-    async def stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
-                     **params: Any) -> AsyncIterator[StreamEvent]:
-        """Every /generate_stream event (deltas, finish reasons, then usage)."""
-        fields = _generate_fields(prompt, **{**_STREAM_DEFAULTS, **params})
-        async with self._http.stream("POST", "/generate_stream",
-                                     **_request(fields, images)) as resp:
-            if not resp.is_success:
-                await resp.aread()
-                raise_for_status(resp)
-            async for line in resp.aiter_lines():
-                payload = parse_sse(line)
-                if payload == "[DONE]":
+    async def _events(self, call: api.Call[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        async with self._http.stream("POST", call.path, **call.kwargs) as response:
+            if not response.is_success:
+                await response.aread()
+            api.check(response)
+            async for line in response.aiter_lines():
+                payload = api.sse(line)
+                if payload == api.DONE:
                     return
                 if payload is not None:
-                    yield _event(payload)
+                    yield call.parse(payload)
+
+    async def generate(self, prompt: str, images: Sequence[ImageInput] | None = None,
+                       **params: Unpack[GenerateParams]) -> GenerateResult:
+        """Generate text for a prompt and 0..N images."""
+        return await self._send(api.generate(prompt, images, params))
+
+    def stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
+               **params: Unpack[GenerateParams]) -> AsyncIterator[StreamEvent]:
+        """Every /generate_stream event (deltas, finish reasons, then usage)."""
+        return self._events(api.stream(prompt, images, params))
 
     async def generate_stream(self, prompt: str, images: Sequence[ImageInput] | None = None,
-                              **params: Any) -> AsyncIterator[str]:
+                              **params: Unpack[GenerateParams]) -> AsyncIterator[str]:
         """Text deltas of one completion as they are generated."""
-        _one_sequence(params)
-        async for event in self.stream(prompt, images, **params):
+        async for event in self._events(api.stream(prompt, images, params, one_sequence=True)):
             if event.text:
                 yield event.text
 
     async def embed(self, texts: Sequence[str] | None = None,
-                    images: Sequence[ImageInput] | None = None) -> EmbedResult:
-        """CLIP embeddings (L2-normalized) of texts and/or images."""
-        fields = _embed_fields(texts, images)
-        return _embed_result(await self._post("/embed", **_request(fields, images)))
+                    images: Sequence[ImageInput] | None = None, *,
+                    batch_size: int | None = None, concurrency: int = 4,
+                    progress: bool = False) -> EmbedResult:
+        """CLIP embeddings of texts and/or images, in input order; like ``Client.embed``, with
+        up to ``concurrency`` requests in flight on the event loop."""
+        if not texts and not images:
+            raise ValueError("embed() needs texts and/or images")
+        calls = api.embed(texts, images, batch_size or await self._embed_batch_size())
+        bar = _Progress(len(texts or ()) + len(images or ()), progress)
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(call: api.Call[EmbedResult]) -> EmbedResult:
+            async with slots:
+                result = await self._send(call)
+            bar.update(result.count)
+            return result
+
+        tasks = [asyncio.ensure_future(one(call)) for call in calls]
+        try:
+            return EmbedResult.concat(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            bar.close()
+
+    async def _embed_batch_size(self) -> int:
+        if self._embed_batch is None:
+            self._embed_batch = api.embed_batch_size(await self.model_info())
+        return self._embed_batch
+
+    async def rank(self, query: str | ImageInput,
+                   candidates: Sequence[str | ImageInput]) -> list[RankResult]:
+        """Candidates by descending similarity to the query (see ``Client.rank``)."""
+        return await self._send(api.rank(query, candidates))
 
     async def model_info(self) -> dict[str, Any]:
         """Served models (store tags), limits and backends."""
-        return await self._post("/model_info", json={})
+        return await self._send(api.model_info())
 
     async def health(self) -> bool:
         """Whether the server answers /readyz with 200."""
@@ -330,8 +269,3 @@ class AsyncClient:
             return (await self._http.get("/readyz")).status_code == 200
         except httpx.HTTPError:
             return False
-
-
-_STREAM_DEFAULTS: dict[str, Any] = dict(
-    max_tokens=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-    do_sample=None, num_return_sequences=1, stop=None, seed=None, system_prompt=None)

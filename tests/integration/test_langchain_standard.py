@@ -23,6 +23,14 @@ class _Declared:
         return ChatBentoLMM
 
     @property
+    def has_tool_calling(self) -> bool:
+        return False  # BaseChatOpenAI can bind tools; the server refuses them
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
     def supports_image_inputs(self) -> bool:
         return True
 
