@@ -18,6 +18,8 @@ from starlette.responses import StreamingResponse
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
+from lmm.deadlines import CancelOnDisconnect, Deadline
+from lmm.docs_page import DocsPage
 from lmm.errors import BadRequest, ErrorShape, json_error
 from lmm.openai_api import app as openai_app
 from lmm.pipeline import Pipeline, collect, user_messages
@@ -94,12 +96,19 @@ class LMMService:
         openai_app.state.serving = OpenAIServing(self.pipeline, self.chat_model,
                                                  self.embedding_model, self.images)
 
-    async def _prepare(self, request: GenerateRequest):
+    async def _prepare(self, request: GenerateRequest, deadline: Deadline):
         refs = image_refs(request.images, request.images_b64)
         images = await self.images.decode(refs, CONFIG.images.max_images)
         messages = user_messages(request.prompt, len(images), request.system_prompt)
         prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
-        return prompt, self.pipeline.stream(prompt, request.sampling(), request.stop, request.n)
+        return deadline.bound(
+            self.pipeline.stream(prompt, request.sampling(), request.stop, request.n))
+
+    async def _complete(self, request: GenerateRequest, deadline: Deadline):
+        return await collect(await self._prepare(request, deadline), request.n)
+
+    async def _started(self, request: GenerateRequest, deadline: Deadline):
+        return await primed(await self._prepare(request, deadline))
 
     # -- APIs ----------------------------------------------------------------------------
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
@@ -107,8 +116,8 @@ class LMMService:
     async def generate(self, **params) -> GenerateResponse:
         """Generate text from a prompt and 0..N images (upload files or send base64)."""
         request = GenerateRequest(**params)
-        _, run = await self._prepare(request)
-        texts, reasons, usage = await collect(run, request.n)
+        deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
+        texts, reasons, usage = await deadline.run(self._complete(request, deadline))
         return GenerateResponse(
             model=CONFIG.served_model_name, text=texts[0], finish_reason=reasons[0], usage=usage,
             completions=[Completion(index=i, text=t, finish_reason=r)
@@ -121,8 +130,9 @@ class LMMService:
         """Like /generate, as server-sent events: `{"index", "text"}` per text delta
         (`finish_reason` on each completion's last), then `{"usage"}` and `[DONE]`."""
         request = GenerateRequest(**params)
-        _, run = await self._prepare(request)
-        run = await primed(run)  # what fails before the first token is an HTTP status
+        deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
+        # What fails before the first token is an HTTP status; then an event.
+        run = await deadline.run(self._started(request, deadline))
         return StreamingResponse(sse_stream(_native_events(run)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -135,7 +145,8 @@ class LMMService:
             raise BadRequest("send at least one of texts, images or images_b64.", "texts")
         refs = image_refs(request.images, request.images_b64)
         images = await self.images.decode(refs, CONFIG.images.max_embed_images)
-        result = await self.pipeline.embed(request.texts, images)
+        result = await Deadline.start(None, CONFIG.api.timeout).run(
+            self.pipeline.embed(request.texts, images))
         dim = len((result.texts or result.images)[0])
         return EmbedResponse(model=self.embedding_model.name, dim=dim,
                              text_embeddings=result.texts, image_embeddings=result.images)
@@ -198,12 +209,33 @@ async def _native_events(run):
         yield event
 
 
+DOCS = """Serve a multimodal LLM: image + text in, text out; CLIP image and text embeddings.
+
+- **Native API** (below, *Service APIs*): `/generate` and `/generate_stream` take a prompt and
+  image files (or base64 in `images_b64`); `/embed` and `/rank` use the CLIP model.
+- **OpenAI-compatible API** under `/v1`: chat completions with `image_url` parts, completions,
+  embeddings and models; any OpenAI SDK works with `base_url=<this server>/v1`.
+- Every error is `{"error": {"message", "type", "param", "code"}}`.
+- With an API key configured, press *Authorize* and enter it: every request then carries
+  `Authorization: Bearer <key>` (as curl, the SDKs and the client send it).
+"""
+TAGS = [
+    {"name": "Service APIs", "description": "The native API: generate, stream, embed, rank."},
+    {"name": "Infrastructure", "description": "Health probes and Prometheus metrics."},
+    {"name": "OpenAI: chat", "description": "POST /v1/chat/completions, text and image parts."},
+    {"name": "OpenAI: completions", "description": "POST /v1/completions (one prompt)."},
+    {"name": "OpenAI: embeddings", "description": "POST /v1/embeddings: texts and images."},
+    {"name": "OpenAI: models", "description": "The served chat and embedding models."},
+]
+
 # Outermost first: no key, no work (not even buffering an upload); then every error body in the
 # one shape; then the upload guard. Bound the buffered body by what the largest valid request
 # can carry (base64 inflates by 4/3).
 LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
                                protect_metrics=CONFIG.auth.protect_metrics)
 LMMService.add_asgi_middleware(ErrorShape)
+LMMService.add_asgi_middleware(DocsPage, title="bento-lmm", description=DOCS, tags=TAGS)
+LMMService.add_asgi_middleware(CancelOnDisconnect)
 LMMService.add_asgi_middleware(
     UploadGuard, fields=("images", "query_image", "candidate_images"),
     max_body=2 * CONFIG.images.max_bytes * max(CONFIG.images.max_images,

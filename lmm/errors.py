@@ -24,6 +24,7 @@ class LMMError(BentoMLException):
     error_code = HTTPStatus.BAD_REQUEST
     error_type = "invalid_request_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -53,8 +54,35 @@ class ModelNotFound(NotFoundError):
 
 
 class Overloaded(LMMError):
+    """A runner cannot take the request now (503, retryable)."""
+
     error_code = HTTPStatus.SERVICE_UNAVAILABLE
     error_type = "server_error"
+    code = "runner_unavailable"
+    retry_after = 2
+
+
+class TooManyRequests(LMMError):
+    """A bounded queue is full (429, retryable: the openai SDK retries it by itself)."""
+
+    error_code = HTTPStatus.TOO_MANY_REQUESTS
+    error_type = "rate_limit_error"
+    code = "overloaded"
+    retry_after = 1
+
+
+class DeadlineExceeded(LMMError):
+    error_code = HTTPStatus.GATEWAY_TIMEOUT
+    error_type = "timeout_error"
+    code = "timeout"
+
+
+class EngineFault(LMMError):
+    """The LLM engine failed this request's sequences; the message names the cause class."""
+
+    error_code = HTTPStatus.INTERNAL_SERVER_ERROR
+    error_type = "server_error"
+    code = "engine_error"
 
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -79,14 +107,22 @@ def error_response(exc: BaseException) -> tuple[int, dict]:
     return 500, error_body(500, "internal error; see the server log")
 
 
+def error_headers(exc: BaseException) -> dict[str, str]:
+    retry_after = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if retry_after else {}
+
+
 def json_error(exc: BaseException):
-    """``error_response`` as a Starlette JSONResponse (5xx logged with the traceback)."""
+    """``error_response`` as a Starlette JSONResponse (unexpected 5xx logged with the
+    traceback, ours as one line)."""
     from starlette.responses import JSONResponse
 
     status, body = error_response(exc)
-    if status >= 500:
+    if status >= 500 and not isinstance(exc, LMMError):
         logger.error("request failed", exc_info=exc)
-    return JSONResponse(body, status_code=status)
+    elif status >= 500 or status == 429:
+        logger.warning("request failed: %s %s", status, body["error"]["message"])
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
 
 
 def _loc(loc: tuple) -> list[str]:

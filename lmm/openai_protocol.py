@@ -15,6 +15,7 @@ from lmm.errors import BadRequest, Unsupported
 from lmm.protocol import (
     MaxTokens,
     RepetitionPenalty,
+    RequestTimeout,
     SamplingParams,
     Seed,
     Temperature,
@@ -96,6 +97,7 @@ class SamplingRequest(_Request):
     ignore_eos: bool = Field(
         False, description="Extension (as in vLLM): keep generating past end-of-sequence."
     )
+    timeout: RequestTimeout | None = None
     user: str | None = Field(None, description="Accepted and ignored.")
 
     def requested_max_tokens(self) -> tuple[str, int | None]:

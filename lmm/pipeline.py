@@ -5,6 +5,7 @@ detokenize. The runners come in as arguments (BentoML clients in the service, fa
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Protocol, Sequence
@@ -13,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from lmm.config import LMMConfig
-from lmm.errors import BadRequest, Overloaded
+from lmm import faults
+from lmm.errors import BadRequest, EngineFault, Overloaded
 from lmm.postprocess import IncrementalDetokenizer, StopStrings
 from lmm.protocol import EngineOutput, FinishReason, SamplingParams, Usage
 
@@ -142,20 +144,37 @@ class Pipeline:
         """[n_images, tokens, hidden] features, one block per image (empty without images)."""
         if prompt.pixel_values is None:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        return np.asarray(await self.vision.encode(prompt.pixel_values), dtype=np.float32)
+        features = await faults.call("vision", self.vision,
+                                     lambda: self.vision.encode(prompt.pixel_values))
+        return np.asarray(features, dtype=np.float32)
+
+    async def _open(self, prompt: Prompt, features: np.ndarray, params: SamplingParams):
+        """The runner's stream of JSON lines and its first line (tried once more, after the
+        runner is back, if it was unavailable: nothing has been sent to the client yet)."""
+        async def start():
+            stream = self.llm.generate(
+                prompt_token_ids=prompt.token_ids, image_features=features, params=params)
+            lines = _lines(stream)
+            try:
+                return stream, lines, await anext(lines, None)
+            except BaseException:
+                await lines.aclose()
+                if hasattr(stream, "aclose"):
+                    await stream.aclose()
+                raise
+
+        return await faults.call("LLM", self.llm, start)
 
     async def _one(self, index: int, prompt: Prompt, features: np.ndarray,
                    params: SamplingParams, stop: Sequence[str]) -> AsyncIterator[Delta]:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
-        out = EngineOutput()
-        stream = self.llm.generate(
-            prompt_token_ids=prompt.token_ids, image_features=features, params=params
-        )
-        lines = _lines(stream)
+        stream, lines, line = await self._open(prompt, features, params)
         try:
-            async for line in lines:
+            while line is not None:
                 out = EngineOutput.model_validate_json(line)
+                if out.error:
+                    raise EngineFault(out.error)
                 text = stops.push(detok.push(out.token_ids))
                 if out.finish_reason is not None:
                     text += stops.push(detok.flush()) + stops.flush()
@@ -167,6 +186,10 @@ class Pipeline:
                                 out.completion_tokens)
                 if out.finish_reason is not None:
                     return
+                try:
+                    line = await anext(lines, None)
+                except Exception as exc:  # tokens were sent: never replayed
+                    raise faults.from_runner(exc, "LLM") from None
         finally:
             await lines.aclose()
             if hasattr(stream, "aclose"):
@@ -258,9 +281,9 @@ class Pipeline:
     async def _in_batches(self, call, items) -> list[list[float]]:
         """One request may hold more items than the runner's max_batch_size: split it."""
         size = self.config.vision.batching.max_batch_size
-        parts = await asyncio.gather(
-            *[call(items[i : i + size]) for i in range(0, len(items), size)]
-        )
+        parts = await asyncio.gather(*[
+            faults.call("vision", self.vision, functools.partial(call, items[i : i + size]))
+            for i in range(0, len(items), size)])
         return [list(map(float, v)) for part in parts for v in part]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -18,6 +18,8 @@ TopK = Annotated[int, Field(ge=0, description="Keep the k most likely tokens; 0 
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0,
                                            description="HF-style repetition penalty; 1 disables.")]
 Seed = Annotated[int, Field(description="Makes sampling reproducible.")]
+RequestTimeout = Annotated[float, Field(
+    gt=0, description="Seconds this request may take (504 past it); at most api.timeout.")]
 
 
 class SamplingParams(BaseModel):
@@ -40,6 +42,7 @@ class EngineOutput(BaseModel):
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = Field(None, description="The engine failed this sequence: the cause.")
 
 
 class Usage(BaseModel):
@@ -108,23 +111,56 @@ class RunnerStats(BaseModel):
     running: int = Field(0, description="Sequences in the LLM engine now (running or waiting).")
 
 
-class GenerateInput(BaseModel):
+def _no_default(schema: dict) -> None:
+    """Leave ``default: null`` out of the schema: Swagger UI would pre-fill the text "null"."""
+    schema.pop("default", None)
+
+
+class FormInput(BaseModel):
+    """A request model also sent from HTML forms (Swagger UI): an empty field means "not given"."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_blank_fields(cls, data):
+        # BentoML's multipart parser hands an empty form field over as "" (a text part) or b""
+        # (Swagger UI sends non-file fields as application/json blobs); dropping it lets the
+        # field's default apply (system_prompt/seed/timeout -> None, temperature -> 0.0, ...).
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items()
+                    if not (isinstance(v, (str, bytes)) and not v.strip())}
+        return data
+
+
+# Swagger UI then shows one file input of a list-of-files field at once, without "Add item".
+FILE_LIST_FORM = {"example": [""]}
+
+
+def _files(description: str):
+    return Field(default_factory=list, description=description, json_schema_extra=FILE_LIST_FORM)
+
+
+def _optional(description: str | None = None):
+    return Field(None, description=description, json_schema_extra=_no_default)
+
+
+class GenerateInput(FormInput):
     """Native generate request: a prompt, images (uploads or base64) and sampling parameters."""
 
     prompt: str = Field(description="The user's message; the model's chat template is applied.")
-    images: list[Path] = Field(default_factory=list, description="Image files (multipart upload).")
+    images: list[Path] = _files("Image files (multipart upload).")
     images_b64: list[str] = Field(
         default_factory=list, description="Images as base64 or data:image/...;base64, URLs."
     )
-    system_prompt: str | None = Field(None, description="Optional system message.")
+    system_prompt: str | None = _optional("Optional system message.")
     max_tokens: MaxTokens = 64
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     top_k: TopK = 0
     repetition_penalty: RepetitionPenalty = 1.0
-    seed: Seed | None = None
+    seed: Seed | None = _optional()
     stop: list[str] = Field(default_factory=list, description="Strings that end generation.")
     n: int = Field(1, ge=1, description="Completions to return for this prompt.")
+    timeout: RequestTimeout | None = _optional()
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -133,25 +169,23 @@ class GenerateInput(BaseModel):
         )
 
 
-class EmbedInput(BaseModel):
+class EmbedInput(FormInput):
     """Texts and/or images to embed into the shared CLIP space."""
 
     texts: list[str] = Field(default_factory=list, description="Texts to embed.")
-    images: list[Path] = Field(default_factory=list, description="Image files (multipart upload).")
+    images: list[Path] = _files("Image files (multipart upload).")
     images_b64: list[str] = Field(default_factory=list, description="Base64 or data URL images.")
 
 
-class RankInput(BaseModel):
+class RankInput(FormInput):
     """A query (a text or an image) and candidates (texts and/or images) to order by CLIP
     similarity to it."""
 
-    query: str | None = Field(None, description="A text query.")
-    query_image: list[Path] = Field(default_factory=list,
-                                    description="An image query (one file, multipart upload).")
-    query_image_b64: str | None = Field(None, description="An image query as base64 or data URL.")
+    query: str | None = _optional("A text query.")
+    query_image: list[Path] = _files("An image query (one file, multipart upload).")
+    query_image_b64: str | None = _optional("An image query as base64 or data URL.")
     candidates: list[str] = Field(default_factory=list, description="Candidate texts.")
-    candidate_images: list[Path] = Field(default_factory=list,
-                                         description="Candidate image files (multipart upload).")
+    candidate_images: list[Path] = _files("Candidate image files (multipart upload).")
     candidate_images_b64: list[str] = Field(default_factory=list,
                                             description="Candidate images as base64 or data URLs.")
 

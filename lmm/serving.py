@@ -19,6 +19,7 @@ import numpy as np
 
 from lmm import openai_protocol as oai
 from lmm.adapters import ImageDecoder, ImageRef, ServedModel, primed, sse_stream
+from lmm.deadlines import Deadline
 from lmm.errors import BadRequest, ModelNotFound, Unsupported
 from lmm.pipeline import Delta, Pipeline, collect, user_messages
 from lmm.protocol import Usage
@@ -81,13 +82,17 @@ class OpenAIServing:
     # -- completions -------------------------------------------------------------------
     async def chat(self, request: oai.ChatCompletionRequest
                    ) -> oai.ChatCompletion | AsyncIterator[str]:
+        deadline = Deadline.start(request.timeout, self.config.api.timeout)
+        return await deadline.run(self._chat(request, deadline))
+
+    async def _chat(self, request: oai.ChatCompletionRequest, deadline: Deadline):
         self.model(request.model)
         params, stop, n = request.sampling(self.config)
         messages, refs = to_hf_messages(request.messages)
         images = await self.images.decode(refs, self.config.images.max_images)
         prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
         head = self._head("chatcmpl", request)
-        run = self.pipeline.stream(prompt, params, stop, n)
+        run = deadline.bound(self.pipeline.stream(prompt, params, stop, n))
         if request.stream:
             return sse_stream(_chat_chunks(await primed(run), head, n, request.include_usage))
         texts, reasons, used = await collect(run, n)
@@ -97,12 +102,16 @@ class OpenAIServing:
 
     async def completion(self, request: oai.CompletionRequest
                          ) -> oai.TextCompletion | AsyncIterator[str]:
+        deadline = Deadline.start(request.timeout, self.config.api.timeout)
+        return await deadline.run(self._completion(request, deadline))
+
+    async def _completion(self, request: oai.CompletionRequest, deadline: Deadline):
         self.model(request.model)
         params, stop, n = request.sampling(self.config)
         prompt = await asyncio.to_thread(
             self.pipeline.build_prompt, user_messages(request.single_prompt(), 0), [])
         head = self._head("cmpl", request)
-        run = self.pipeline.stream(prompt, params, stop, n)
+        run = deadline.bound(self.pipeline.stream(prompt, params, stop, n))
         if request.stream:
             return sse_stream(_text_chunks(await primed(run), head, request.include_usage))
         texts, reasons, used = await collect(run, n)
@@ -117,6 +126,9 @@ class OpenAIServing:
 
     # -- embeddings --------------------------------------------------------------------
     async def embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
+        return await Deadline.start(None, self.config.api.timeout).run(self._embeddings(request))
+
+    async def _embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
         self.model(request.model, embedding=True)  # the chat model's name embeds with CLIP too
         items = [request.input] if isinstance(request.input, str) else request.input
         if not items:

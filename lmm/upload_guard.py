@@ -1,7 +1,9 @@
-"""Refuse text values in multipart file fields of the native API.
+"""Refuse text values in multipart file fields of the native API; drop empty ones.
 
 BentoML downloads any text sent in a file field as a URL, before the handler runs: that would
 bypass ``images.allowed_url_domains`` and the size caps. Images are uploads or ``images_b64``.
+An empty text part in a file field is what a browser form sends for a file input left empty
+(Swagger UI's "Send empty value"): it means "no file" and is removed from the body.
 """
 
 from __future__ import annotations
@@ -14,17 +16,35 @@ from lmm.errors import error_body
 _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.I)
 
 
+def _field(headers: bytes) -> tuple[str | None, bool]:
+    """(name, has a filename) of one part's headers."""
+    disposition = re.search(rb"content-disposition:[^\r\n]*", headers, re.I)
+    if not disposition:
+        return None, False
+    name = re.search(rb'\bname="([^"]*)"', disposition.group(0))
+    return (name.group(1).decode() if name else None), b"filename=" in disposition.group(0)
+
+
+def split_text_file_fields(body: bytes, boundary: bytes,
+                           fields: frozenset[str]) -> tuple[bytes, list[str]]:
+    """(``body`` without empty text parts of ``fields``, names of ``fields`` parts holding text)."""
+    delimiter = b"--" + boundary
+    pieces = body.split(delimiter)
+    kept, bad = [pieces[0]], []
+    for piece in pieces[1:]:
+        headers, separator, content = piece.partition(b"\r\n\r\n")
+        name, is_file = _field(headers)
+        if separator and name in fields and not is_file:
+            if content in (b"", b"\r\n"):  # nothing between the headers and the next delimiter
+                continue
+            bad.append(name)
+        kept.append(piece)
+    return delimiter.join(kept), bad
+
+
 def text_file_fields(body: bytes, boundary: bytes, fields: frozenset[str]) -> list[str]:
-    """Names of ``fields`` parts sent without a filename (text, not a file)."""
-    bad = []
-    for headers in re.findall(b"--" + re.escape(boundary) + rb"\r\n(.*?)\r\n\r\n", body, re.S):
-        disposition = re.search(rb"content-disposition:[^\r\n]*", headers, re.I)
-        if not disposition:
-            continue
-        name = re.search(rb'name="([^"]*)"', disposition.group(0))
-        if name and name.group(1).decode() in fields and b"filename=" not in disposition.group(0):
-            bad.append(name.group(1).decode())
-    return bad
+    """Names of ``fields`` parts sent as non-empty text (not a file)."""
+    return split_text_file_fields(body, boundary, fields)[1]
 
 
 class UploadGuard:
@@ -49,8 +69,7 @@ class UploadGuard:
             more = message.get("more_body", False)
             if size > self.max_body:
                 return await _reject(send, 413, f"request body over {self.max_body} bytes")
-        body = b"".join(chunks)
-        bad = text_file_fields(body, boundary.group(1), self.fields)
+        body, bad = split_text_file_fields(b"".join(chunks), boundary.group(1), self.fields)
         if bad:
             return await _reject(send, 400, f"field {bad[0]!r} takes uploaded files; send images "
                                  f"as files, or as base64 / data URLs in '{bad[0]}_b64'", bad[0])

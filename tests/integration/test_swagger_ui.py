@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,7 @@ TIMEOUT_MS = 120_000  # a generate call on a cold server
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (scripts/system-deps.sh browser, as root)")
+    assert CHROMIUM, "chromium is not installed: run scripts/system-deps.sh browser as root"
     with sync_api.sync_playwright() as p:
         # --no-sandbox: Chromium's sandbox does not start as root (CI containers)
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
