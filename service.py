@@ -192,7 +192,7 @@ class LMMService:
 
     @bentoml.api(route="/runner_stats")
     async def runner_stats(self) -> dict:
-        """Batch-size counters of the runner workers that answered (one per call)."""
+        """Batch sizes every worker of each runner has run, and the LLM's running sequences."""
         vision, llm = await asyncio.gather(self.vision.to_async.stats(), self.llm.to_async.stats())
         return {"vision": vision, "llm": llm}
 
