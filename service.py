@@ -16,6 +16,7 @@ from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
+from lmm import faults
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
@@ -103,6 +104,12 @@ class LMMService:
         prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
         return deadline.bound(
             self.pipeline.stream(prompt, request.sampling(), request.stop, request.n))
+
+    async def __is_ready__(self) -> bool:
+        """/readyz: 503 while a runner is down or restarting (each checked within 2 s)."""
+        ready = await asyncio.gather(*(faults.ready(runner, 2.0)
+                                       for runner in (self.vision, self.llm)))
+        return all(ready)
 
     async def _complete(self, request: GenerateRequest, deadline: Deadline):
         return await collect(await self._prepare(request, deadline), request.n)

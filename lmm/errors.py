@@ -164,7 +164,7 @@ def normalize(status: int, body: bytes) -> dict:
         message = body.decode("utf-8", "replace").strip()
     else:
         message = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-    if status >= 500:
+    if status == 500:  # an unexpected error: whatever was written, nothing of it is shown
         message = "internal error; see the server log"
     return error_body(status, message)
 

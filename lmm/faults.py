@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
+import aiohttp
 import httpx
 from bentoml.exceptions import BentoMLException
 
@@ -23,6 +24,9 @@ from lmm.errors import BadRequest, EngineFault, LMMError, Overloaded, TooManyReq
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# A connection to a runner failed or broke mid-call (BentoML's runner clients use aiohttp;
+# httpx where a client is built by hand).
+TRANSPORT = (aiohttp.ClientError, httpx.HTTPError, ConnectionError, asyncio.IncompleteReadError)
 # How long a retry waits for a restarting runner to be ready again (the request's own deadline
 # still applies: it cancels the wait).
 READY_WAIT_S = 30.0
@@ -35,8 +39,7 @@ def _message(exc: BentoMLException) -> str:
 
 def from_runner(exc: BaseException, runner: str) -> BaseException:
     """The error the client gets for a failed call to ``runner`` ("vision" or "LLM")."""
-    if isinstance(exc, LMMError) or not isinstance(exc, (BentoMLException, httpx.HTTPError,
-                                                         ConnectionError)):
+    if isinstance(exc, LMMError) or not isinstance(exc, TRANSPORT + (BentoMLException,)):
         return exc
     if not isinstance(exc, BentoMLException):
         return Overloaded(f"the {runner} runner is unavailable (restarting or unreachable: "
@@ -51,16 +54,26 @@ def from_runner(exc: BaseException, runner: str) -> BaseException:
     return EngineFault(f"the {runner} runner failed: {_message(exc)}")
 
 
-async def wait_ready(client: Any, limit_s: float = READY_WAIT_S) -> bool:
-    """Poll the runner's /readyz (BentoML's remote proxies have ``is_ready``) until it is."""
+async def ready(client: Any, timeout_s: float = 1.0) -> bool:
+    """Whether the runner answers its /readyz with 200 within ``timeout_s`` (BentoML's remote
+    proxies have ``is_ready``; a restarting runner can leave the call hanging, hence the bound).
+    A client without ``is_ready`` (an in-process runner) is always ready."""
     is_ready = getattr(client, "is_ready", None)
+    if is_ready is None:
+        return True
+    try:
+        async with asyncio.timeout(timeout_s):
+            return bool(await is_ready(max(1, int(timeout_s))))
+    except (TimeoutError, OSError) + TRANSPORT:
+        return False
+
+
+async def wait_ready(client: Any, limit_s: float = READY_WAIT_S) -> bool:
+    """Poll the runner's /readyz until it is ready (at most ``limit_s``)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        try:
-            if is_ready is None or await is_ready(1):
-                return True
-        except (httpx.HTTPError, ConnectionError, OSError):
-            pass
+        if await ready(client):
+            return True
         await asyncio.sleep(0.25)
     return False
 
