@@ -16,7 +16,7 @@ from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
-from lmm import faults
+from lmm import faults, request_id
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
@@ -44,6 +44,7 @@ from runners.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 CONFIG = load_config()
+request_id.install_log_records()  # every worker (API and runners) imports this module
 
 
 class GenerateRequest(GenerateInput):
@@ -235,9 +236,10 @@ TAGS = [
     {"name": "OpenAI: models", "description": "The served chat and embedding models."},
 ]
 
-# Outermost first: no key, no work (not even buffering an upload); then every error body in the
-# one shape; then the upload guard. Bound the buffered body by what the largest valid request
+# Outermost first: the request id (on every answer, 401s included); no key, no work (not even
+# buffering an upload); then every error body in the one shape; then the upload guard. Bound the buffered body by what the largest valid request
 # can carry (base64 inflates by 4/3).
+LMMService.add_asgi_middleware(request_id.RequestId)
 LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
                                protect_metrics=CONFIG.auth.protect_metrics)
 LMMService.add_asgi_middleware(ErrorShape)
