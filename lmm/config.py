@@ -55,6 +55,11 @@ class LLMConfig(ServiceScaling):
     )
     max_num_seqs: PosInt = Field(32, description="Sequences decoded together (continuous batching).")
     max_model_len: PosInt = Field(2048, description="Prompt + generated tokens per sequence.")
+    max_waiting: Annotated[int, Ge(0)] | None = Field(
+        256,
+        description="Sequences that may wait for a batch slot beyond max_num_seqs; the next is "
+        "refused with 429 and Retry-After (0: refuse once every slot is busy; null: unbounded).",
+    )
     # vLLM only: refused with the transformers backend, which has no use for them. None means
     # vLLM's default (in VLLM_DEFAULTS).
     gpu_memory_utilization: Annotated[float, Ge(0.05), Le(1.0)] | None = Field(

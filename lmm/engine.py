@@ -7,6 +7,7 @@ tests can drive the runner with a small engine of the same shape.
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,10 @@ class Engine(Protocol):
     ) -> AsyncIterator[EngineOutput]:
         """Stream one sequence. ``image_features`` [n_images, tokens, hidden] fill the prompt's
         image-token positions in order. Closing the iterator aborts the sequence. A request the
-        engine refuses (too long, features of the wrong shape) raises ValueError."""
+        engine refuses (too long, features of the wrong shape) raises ValueError; one it cannot
+        queue (``max_waiting`` sequences already wait for a batch slot) raises EngineOverloaded,
+        both before anything is yielded. A sequence the engine failed (its step raised, the
+        engine died) ends with an output whose ``error`` names the cause."""
 
     def healthy(self) -> bool:
         """False once the engine cannot serve (its loop or process died)."""
@@ -43,8 +47,91 @@ class Engine(Protocol):
     def running(self) -> int:
         """Sequences in the engine now (running or waiting for a batch slot)."""
 
+    def waiting(self) -> int:
+        """Sequences admitted by ``generate`` beyond ``max_num_seqs``: waiting for a slot."""
+
+    async def fault_next_step(self, exc: Exception, steps: int = 1) -> None:
+        """Test only: make the engine's next ``steps`` model steps raise ``exc``."""
+
     def stats(self) -> dict[int, int]:
         """Histogram of decode batch sizes run so far."""
+
+
+class EngineOverloaded(Exception):
+    """The engine's wait queue is full (``llm.max_waiting``): refused before it starts."""
+
+
+# Engine steps that may fail in a row before the engine calls itself unhealthy (the runner's
+# /readyz turns 503 and its watchdog restarts the worker) rather than fail every request.
+MAX_CONSECUTIVE_FAULTS = 3
+
+
+def fault_message(exc: BaseException) -> str:
+    """``EngineOutput.error`` for a sequence that ``exc`` failed: the cause's class first."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Admission:
+    """Sequences in an engine's ``generate`` calls, bounded by ``max_num_seqs`` running plus
+    ``max_waiting`` waiting for a batch slot (None: unbounded).
+
+    Counted where the engine is called, from ``enter`` (after validation) to ``leave`` (the
+    stream closed), so both backends count the same way: whatever runs beyond ``max_num_seqs``
+    is waiting.
+    """
+
+    def __init__(self, max_num_seqs: int, max_waiting: int | None):
+        self.max_num_seqs = max_num_seqs
+        self.max_waiting = max_waiting
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def waiting(self) -> int:
+        return max(0, self.in_flight - self.max_num_seqs)
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.max_waiting is not None and self.waiting() >= self.max_waiting:
+                raise EngineOverloaded(
+                    f"{self.waiting()} sequences already wait for one of the engine's "
+                    f"{self.max_num_seqs} batch slots (llm.max_waiting {self.max_waiting}); "
+                    "retry shortly"
+                )
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+class StepFaults:
+    """Failed engine steps in a row, and the test-only injection of the next ones."""
+
+    def __init__(self, limit: int = MAX_CONSECUTIVE_FAULTS):
+        self.limit = limit
+        self.consecutive = 0
+        self._inject: list[Exception] = []
+        self._lock = threading.Lock()
+
+    def inject(self, exc: Exception, steps: int = 1) -> None:
+        with self._lock:
+            self._inject += [exc] * steps
+
+    def check(self) -> None:
+        """Called inside each step: raises an injected fault, once per step."""
+        if self._inject:
+            with self._lock:
+                exc = self._inject.pop(0) if self._inject else None
+            if exc is not None:
+                raise exc
+
+    def succeeded(self) -> None:
+        self.consecutive = 0
+
+    def failed(self) -> bool:
+        """Count a failed step; True once ``limit`` failed in a row (the engine is broken)."""
+        self.consecutive += 1
+        return self.consecutive >= self.limit
 
 
 class BatchSizes:

@@ -19,7 +19,8 @@ import numpy as np
 
 from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config
-from lmm.errors import BadRequest
+from lmm.engine import EngineOverloaded
+from lmm.errors import BadRequest, TooManyRequests
 from lmm.protocol import RunnerStats, SamplingParams
 
 CONFIG = load_config()
@@ -88,6 +89,8 @@ class LLM:
                 first = await anext(stream)
             except ValueError as exc:  # the engine's own validation: a client fault
                 raise BadRequest(str(exc)) from None
+            except EngineOverloaded as exc:  # llm.max_waiting already wait: 429, retry later
+                raise TooManyRequests(str(exc)) from None
             yield first.model_dump_json() + "\n"
             async for output in stream:
                 yield output.model_dump_json() + "\n"

@@ -14,7 +14,8 @@ def make_engine(config: LMMConfig, model_path: str,
     llm = config.llm
     common = dict(
         device=config.device, dtype=config.dtype, max_num_seqs=llm.max_num_seqs,
-        max_model_len=llm.max_model_len, torch_threads=config.torch_threads, on_batch=on_batch,
+        max_model_len=llm.max_model_len, max_waiting=llm.max_waiting,
+        torch_threads=config.torch_threads, on_batch=on_batch,
     )
     if llm.backend == "vllm":
         from runners.engines.vllm_engine import VLLMEngine

