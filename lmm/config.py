@@ -187,11 +187,34 @@ def load_config() -> LMMConfig:
     from bentoml.exceptions import InvalidArgument
     from pydantic import ValidationError
 
+    _let_arg_override_arg_file()
     arguments = vars(bentoml.use_arguments())  # --arg-file and --arg, as BentoML parsed them
     try:
         return LMMConfig(**nest_arguments(arguments))
     except (ValidationError, ValueError) as exc:
         raise InvalidArgument(f"bento-lmm config (--arg-file / --arg): {exc}") from None
+
+
+def _let_arg_override_arg_file(argv: list[str] | None = None) -> None:
+    """``--arg key=value`` overrides ``--arg-file`` whatever their order on the command line.
+
+    BentoML keeps the first value it parses for a key, so ``--arg-file F --arg key=value``
+    would silently keep F's value of a top-level key. In the process that parses the command
+    line (``bentoml serve`` / ``build``), the ``--arg`` pairs are set again, overriding; the
+    workers then receive the merged arguments from it.
+    """
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or not argv[0].endswith("bentoml") or argv[1] not in ("serve", "build"):
+        return
+    pairs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--arg"]
+    pairs += [a[len("--arg="):] for a in argv if a.startswith("--arg=")]
+    overrides = dict(p.partition("=")[::2] for p in pairs if "=" in p)
+    if overrides:
+        from bentoml._internal.utils.args import set_arguments
+
+        set_arguments(overrides, override=True)
 
 
 def nest_arguments(arguments: dict) -> dict:

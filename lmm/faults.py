@@ -91,3 +91,35 @@ async def call(runner: str, client: Any, make: Callable[[], Awaitable[T]]) -> T:
         return await make()
     except Exception as exc:
         raise from_runner(exc, runner) from None
+
+
+class RunnerStream:
+    """A runner's stream, closed with its HTTP response.
+
+    BentoML's streaming client (``_get_stream`` over ``_parse_stream_response``) never closes the
+    aiohttp response of a stream left early, nor of one cancelled (a deadline, a client gone):
+    the response stays open until garbage collection gets to it, and until then the LLM runner
+    does not see the disconnect that aborts the sequence. So the response is taken from the
+    generators' frames once the stream has started (when they are what is expected) and closed
+    here.
+    """
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.response = None
+
+    def started(self) -> None:
+        self.response = _local(_local(self.stream, "resp"), "resp")
+
+    async def aclose(self) -> None:
+        try:
+            if hasattr(self.stream, "aclose"):
+                await self.stream.aclose()
+        finally:
+            if self.response is not None and callable(getattr(self.response, "close", None)):
+                self.response.close()
+
+
+def _local(generator: Any, name: str) -> Any:
+    frame = getattr(generator, "ag_frame", None)
+    return frame.f_locals.get(name) if frame is not None else None

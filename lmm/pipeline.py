@@ -152,15 +152,16 @@ class Pipeline:
         """The runner's stream of JSON lines and its first line (tried once more, after the
         runner is back, if it was unavailable: nothing has been sent to the client yet)."""
         async def start():
-            stream = self.llm.generate(
-                prompt_token_ids=prompt.token_ids, image_features=features, params=params)
-            lines = _lines(stream)
+            stream = faults.RunnerStream(self.llm.generate(
+                prompt_token_ids=prompt.token_ids, image_features=features, params=params))
+            lines = _lines(stream.stream)
             try:
-                return stream, lines, await anext(lines, None)
+                first = await anext(lines, None)
+                stream.started()
+                return stream, lines, first
             except BaseException:
                 await lines.aclose()
-                if hasattr(stream, "aclose"):
-                    await stream.aclose()
+                await stream.aclose()
                 raise
 
         return await faults.call("LLM", self.llm, start)
@@ -192,8 +193,7 @@ class Pipeline:
                     raise faults.from_runner(exc, "LLM") from None
         finally:
             await lines.aclose()
-            if hasattr(stream, "aclose"):
-                await stream.aclose()
+            await stream.aclose()  # aborts the sequence in the runner
         raise Overloaded("the LLM runner ended the stream early; retry the request.")
 
     async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),

@@ -80,3 +80,24 @@ def test_dotted_arg_overrides_nest_into_the_config():
         LMMConfig(**nest_arguments({"llm.max_num_seq": "4"}))
     with pytest.raises(ValueError, match="device is not a section"):
         nest_arguments({"device": "cpu", "device.x": "1"})
+
+
+def test_arg_overrides_arg_file_whatever_the_order():
+    """BentoML keeps the first value parsed for a key: --arg after --arg-file would lose."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.utils.args import set_arguments
+
+    from lmm.config import _let_arg_override_arg_file
+
+    before = dict(BentoMLContainer.bento_arguments.get())
+    try:
+        set_arguments({"max_tokens_limit": 256, "llm.max_num_seqs": "8"}, override=True)
+        _let_arg_override_arg_file(["/x/bin/bentoml", "serve", "service:LMMService",
+                                    "--arg-file", "configs/test.yaml", "--arg",
+                                    "max_tokens_limit=1024", "--arg=llm.max_num_seqs=64"])
+        arguments = BentoMLContainer.bento_arguments.get()
+        assert arguments["max_tokens_limit"] == "1024" and arguments["llm.max_num_seqs"] == "64"
+        _let_arg_override_arg_file(["/x/bin/python", "-m", "pytest", "--arg", "x=1"])
+        assert "x" not in BentoMLContainer.bento_arguments.get()
+    finally:
+        BentoMLContainer.bento_arguments.set(before)
