@@ -18,6 +18,7 @@ from starlette.responses import StreamingResponse
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm import faults, request_id
 from lmm.auth import ApiKeyAuth, KeyStore
+from lmm.backpressure import ConcurrencyLimit
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
 from lmm.docs_page import DocsPage
@@ -71,7 +72,7 @@ def shaped_errors(handler):
     name="lmm-api",
     workers=CONFIG.api.workers,
     resources=CONFIG.resources(CONFIG.api),
-    traffic=CONFIG.traffic(CONFIG.api),
+    traffic={"timeout": CONFIG.api.timeout},  # max_concurrency: lmm.backpressure, below
     labels={"project": "bento-lmm"},
 )
 @bentoml.asgi_app(openai_app, path="/v1")
@@ -243,6 +244,7 @@ LMMService.add_asgi_middleware(request_id.RequestId)
 LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
                                protect_metrics=CONFIG.auth.protect_metrics)
 LMMService.add_asgi_middleware(ErrorShape)
+LMMService.add_asgi_middleware(ConcurrencyLimit, limit=CONFIG.api.max_concurrency)
 LMMService.add_asgi_middleware(DocsPage, title="bento-lmm", description=DOCS, tags=TAGS)
 LMMService.add_asgi_middleware(CancelOnDisconnect)
 LMMService.add_asgi_middleware(

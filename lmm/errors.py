@@ -85,6 +85,13 @@ class EngineFault(LMMError):
     code = "engine_error"
 
 
+# BentoMLException subclasses that declare an error_code register themselves as what BentoML's
+# clients raise for that status from a remote service. Ours must not be: a runner's 429 or 504
+# is parsed by lmm.faults, from a plain BentoMLException.
+for _status, _cls in list(BentoMLException.error_mapping.items()):
+    if issubclass(_cls, LMMError):
+        del BentoMLException.error_mapping[_status]
+
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           429: "rate_limit_error"}
 
