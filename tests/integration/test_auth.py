@@ -84,3 +84,26 @@ def test_the_openai_sdk_passes_its_key(keyed):
 
 def test_an_open_server_says_so_at_startup(server):
     assert "no API key configured" in server.log.read_text()
+
+
+def test_the_client_and_both_langchain_models_pass_their_key(keyed):
+    from client import Client, ClientError
+    from client.langchain import BentoLMM, ChatBentoLMM
+    from langchain_core.messages import HumanMessage
+
+    png = (ROOT / "examples" / "red-circle-left.png").read_bytes()
+    with Client(keyed.url, api_key=ENV_KEY) as lmm:
+        assert lmm.generate("Describe the image.", images=[png],
+                            do_sample=False).text == "a red circle on the left"
+    with Client(keyed.url, api_key="wrong") as lmm, pytest.raises(ClientError) as refused:
+        lmm.model_info()
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+    message = HumanMessage(content=[
+        {"type": "image", "base64": base64.b64encode(png).decode(), "mime_type": "image/png"},
+        {"type": "text", "text": "Describe the image."}])
+    chat = ChatBentoLMM(base_url=keyed.url, api_key=ENV_KEY, max_tokens=16)
+    assert chat.invoke([message]).content == "a red circle on the left"
+    llm = BentoLMM(base_url=keyed.url, api_key=ENV_KEY, max_tokens=16)
+    assert isinstance(llm.invoke("Describe the image."), str)
+    with pytest.raises(openai.AuthenticationError):
+        ChatBentoLMM(base_url=keyed.url, api_key="wrong", max_retries=0).invoke("hi")
