@@ -16,9 +16,8 @@ from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
-from lmm import faults, request_id
+from lmm import backpressure, faults, request_id
 from lmm.auth import ApiKeyAuth, KeyStore
-from lmm.backpressure import ConcurrencyLimit
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
 from lmm.docs_page import DocsPage
@@ -106,6 +105,10 @@ class LMMService:
         prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
         return deadline.bound(
             self.pipeline.stream(prompt, request.sampling(), request.stop, request.n))
+
+    @bentoml.on_startup
+    async def _drain_on_sigterm(self) -> None:
+        backpressure.drain_on_sigterm(CONFIG.api.shutdown_grace_s)
 
     async def __is_ready__(self) -> bool:
         """/readyz: 503 while a runner is down or restarting (each checked within 2 s)."""
@@ -244,7 +247,7 @@ LMMService.add_asgi_middleware(request_id.RequestId)
 LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
                                protect_metrics=CONFIG.auth.protect_metrics)
 LMMService.add_asgi_middleware(ErrorShape)
-LMMService.add_asgi_middleware(ConcurrencyLimit, limit=CONFIG.api.max_concurrency)
+LMMService.add_asgi_middleware(backpressure.ConcurrencyLimit, limit=CONFIG.api.max_concurrency)
 LMMService.add_asgi_middleware(DocsPage, title="bento-lmm", description=DOCS, tags=TAGS)
 LMMService.add_asgi_middleware(CancelOnDisconnect)
 LMMService.add_asgi_middleware(

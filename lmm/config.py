@@ -33,6 +33,11 @@ class ServiceScaling(_Strict):
     memory: str = Field("2Gi", description="Memory request per worker, Kubernetes style.")
 
 
+class ApiConfig(ServiceScaling):
+    shutdown_grace_s: Annotated[float, Ge(0)] = Field(
+        30.0, description="On SIGTERM, how long requests in flight may still run (new get 503).")
+
+
 class BatchCaps(_Strict):
     """Adaptive batching caps: the dispatcher never exceeds either."""
 
@@ -138,7 +143,7 @@ class LMMConfig(_Strict):
     default_max_tokens: PosInt = 64
     max_tokens_limit: PosInt = 1024
     max_n: PosInt = Field(8, description="Upper bound on n / num_return_sequences.")
-    api: ServiceScaling = ServiceScaling(cpu="2", memory="2Gi")
+    api: ApiConfig = ApiConfig(cpu="2", memory="2Gi")
     vision: VisionConfig = VisionConfig(gpus=1)
     llm: LLMConfig = LLMConfig(gpus=1)
     images: ImageLimits = ImageLimits()

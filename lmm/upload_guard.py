@@ -42,6 +42,25 @@ def split_text_file_fields(body: bytes, boundary: bytes,
     return delimiter.join(kept), bad
 
 
+def malformed(body: bytes, boundary: bytes) -> str | None:
+    """Why ``body`` is not a multipart body BentoML's parser can read, or None.
+
+    The parser's own error surfaces as a 500 from BentoML's endpoint wrapper, so the shapes it
+    refuses are refused here, as a 400: no closing delimiter, or a part without headers and a
+    named Content-Disposition."""
+    delimiter = b"--" + boundary
+    if delimiter + b"--" not in body:
+        return f"no closing boundary --{boundary.decode('latin-1')}--"
+    parts = body.split(delimiter + b"--")[0].split(delimiter)[1:]
+    if not parts:
+        return "no parts"
+    for i, part in enumerate(parts):
+        headers, separator, _ = part.partition(b"\r\n\r\n")
+        if not separator or not part.startswith(b"\r\n") or _field(headers)[0] is None:
+            return f"part {i + 1} has no Content-Disposition with a name"
+    return None
+
+
 def text_file_fields(body: bytes, boundary: bytes, fields: frozenset[str]) -> list[str]:
     """Names of ``fields`` parts sent as non-empty text (not a file)."""
     return split_text_file_fields(body, boundary, fields)[1]
@@ -69,7 +88,12 @@ class UploadGuard:
             more = message.get("more_body", False)
             if size > self.max_body:
                 return await _reject(send, 413, f"request body over {self.max_body} bytes")
-        body, bad = split_text_file_fields(b"".join(chunks), boundary.group(1), self.fields)
+        body = b"".join(chunks)
+        problem = malformed(body, boundary.group(1))
+        if problem:
+            return await _reject(send, 400, f"malformed multipart body: {problem}; send "
+                                 "multipart/form-data as a browser or HTTP library writes it")
+        body, bad = split_text_file_fields(body, boundary.group(1), self.fields)
         if bad:
             return await _reject(send, 400, f"field {bad[0]!r} takes uploaded files; send images "
                                  f"as files, or as base64 / data URLs in '{bad[0]}_b64'", bad[0])

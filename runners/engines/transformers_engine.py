@@ -31,6 +31,10 @@ from lmm.protocol import EngineOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+# Temperatures below this sample greedily (vLLM's threshold, so both engines agree).
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(eq=False)
 class _Sequence:
     request_id: str
@@ -325,7 +329,12 @@ class TransformersEngine:
         for row, seq in enumerate(seqs):
             if seq.aborted:
                 continue
-            token = self._sample(seq, logits[row])
+            try:
+                token = self._sample(seq, logits[row])
+            except Exception as exc:  # this sequence's own parameters: fail it, not the step
+                logger.exception("sampling failed for one sequence")
+                seq.fail(f"{type(exc).__name__}: {exc}")
+                continue
             seq.output_ids.append(token)
             p = seq.params
             finish = None
@@ -345,6 +354,7 @@ class TransformersEngine:
         import torch
 
         p = seq.params
+        logits = logits.float()
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.prompt_ids + seq.output_ids)), device=logits.device)
             picked = logits[seen]
@@ -352,9 +362,13 @@ class TransformersEngine:
             logits[seen] = torch.where(
                 picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty
             )
-        if p.temperature == 0.0:
+        # Extreme but valid parameters (a penalty or temperature near 0) overflow float32: keep
+        # the logits finite, so that they still order the tokens and softmax stays defined.
+        big = torch.finfo(logits.dtype).max / 4
+        logits = torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
+        if p.temperature < SAMPLING_EPS:  # as vLLM: below this, sampling is greedy
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        logits = (logits / p.temperature).clamp(-big, big)
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -362,7 +376,10 @@ class TransformersEngine:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the first over p
+            drop[0] = False  # the most likely token always stays (top_p may round to 0)
             logits = logits.clone()
             logits[order[drop]] = float("-inf")
         probs = logits.softmax(-1).cpu()
+        if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+            return int(torch.argmax(logits))
         return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -50,3 +50,30 @@ def test_requests_past_the_limit_get_429_and_probes_pass():
     assert status == 429 and headers[b"retry-after"] == b"1"
     assert json.loads(body)["error"]["type"] == "rate_limit_error"
     assert [d[0] for d in done] == [200, 200, 200] and after[0] == 200
+
+
+def test_a_draining_worker_answers_503_with_connection_close():
+    from lmm.backpressure import Gate
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = Gate()
+    gate.draining = True
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    limit = ConcurrencyLimit(ok, limit=8, gate=gate)
+    asyncio.run(limit({"type": "http", "path": "/generate", "headers": []}, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 503 and headers[b"connection"] == b"close"
+    assert json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+    sent.clear()
+    asyncio.run(limit({"type": "http", "path": "/readyz", "headers": []}, receive, send))
+    assert sent[0]["status"] == 200

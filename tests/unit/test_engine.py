@@ -504,3 +504,26 @@ def test_llm_max_waiting_is_configured_and_reaches_the_engine(llava_dir):
         config = LMMConfig(device="cpu", llm={"backend": backend, "max_waiting": 0, "gpus": 0})
         admission = engine_for(config, str(llava_dir))._admission  # built, not started
         assert (admission.max_num_seqs, admission.max_waiting) == (32, 0)
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 1e-308}, {"temperature": 1.0, "top_p": 5e-324},
+    {"temperature": 1.0, "repetition_penalty": 5e-324}, {"temperature": 2.0, "top_k": 1},
+    {"temperature": 1.0, "repetition_penalty": 10.0, "top_p": 5e-324},
+])
+def test_extreme_sampling_values_still_pick_a_token(params):
+    """Valid but extreme parameters overflow float32 logits; the sampler must stay defined
+    (a NaN here once failed the whole engine step, and three in a row the engine)."""
+    import types
+
+    import torch
+
+    from runners.engines.transformers_engine import TransformersEngine
+
+    seq = types.SimpleNamespace(params=SamplingParams(**params), prompt_ids=[1, 2, 3],
+                                output_ids=[4], generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(34, generator=torch.Generator().manual_seed(1)) * 30
+    token = TransformersEngine._sample(seq, logits)
+    assert 0 <= token < 34
+    if params.get("temperature", 1.0) < 1e-5 or params.get("top_k") == 1:
+        assert token == int(torch.argmax(logits))

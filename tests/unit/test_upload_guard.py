@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from lmm.upload_guard import split_text_file_fields, text_file_fields
+from lmm.upload_guard import malformed, split_text_file_fields, text_file_fields
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +48,18 @@ def test_an_empty_upload_stays_and_whitespace_text_is_still_refused():
     body, boundary = encoded(files=[("images", ("a.png", b"", "image/png"))], data={"images": " "})
     out, bad = split_text_file_fields(body, boundary, FIELDS)
     assert bad == ["images"] and b'filename="a.png"' in out
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"--B\r\n[]--B--\r\n", "Content-Disposition"),
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n", "closing boundary"),
+    (b"--B--\r\n", "no parts"),
+])
+def test_malformed_bodies_are_named(body, why):
+    assert why in malformed(body, b"B")
+
+
+def test_well_formed_bodies_pass():
+    body, boundary = encoded(files=[("images", ("a.png", b"\x89PNG", "image/png"))],
+                             data={"prompt": "hi", "seed": ""})
+    assert malformed(body, boundary) is None
