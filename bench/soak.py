@@ -27,9 +27,6 @@ import io
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +39,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python bench/...`
 from models.shapes.data import make_samples  # noqa: E402
+from tests.conftest import serve  # noqa: E402  (the test suite's server harness)
 
 SERVICES = ("lmm-api", "lmm-vision", "lmm-llm")
 ROUTES = ("generate", "generate_stream", "embed", "chat", "chat_stream")
@@ -80,64 +78,6 @@ def rss(workers: dict[str, list[psutil.Process]]) -> dict[str, dict]:
         out[name] = {"workers": own, "total": round(sum(own.values()), 1),
                      "total_with_children": round(tree, 1)}
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Serve:
-    """`bentoml serve service:LMMService --arg-file CONFIG` on a free loopback port."""
-
-    def __init__(self, config: str, extra: list[str]):
-        store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-        self.home = Path(tempfile.mkdtemp(prefix="soak-home-"))
-        for shared in ("models", "bentos"):
-            (store / shared).mkdir(parents=True, exist_ok=True)
-            (self.home / shared).symlink_to(store / shared)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = self.home / "serve.log"
-        bentoml = str(Path(sys.executable).parent / "bentoml")
-        env = {**os.environ, "BENTOML_HOME": str(self.home), "BENTOML_DO_NOT_TRACK": "True"}
-        cmd = [bentoml, "serve", "service:LMMService", "--host", "127.0.0.1", "--port",
-               str(self.port), "--arg-file", config, *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        try:
-            tree = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for leftover in alive:
-            try:
-                leftover.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 # -- the requests ---------------------------------------------------------------------------------
@@ -318,12 +258,13 @@ def main() -> int:
     server = None
     if args.serve:
         extra = [a for kv in args.serve_arg for a in ("--arg", kv)]
-        server = Serve(args.serve, extra)
+        store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+        server = serve(store, Path(tempfile.mkdtemp(prefix="soak-")), args.serve, extra)
         print(f"[soak] starting bentoml serve on {server.url} (log {server.log})",
               file=sys.stderr, flush=True)
     try:
         if server:
-            server.wait_ready()
+            server.wait_ready(timeout=300)
         url = server.url if server else args.url.rstrip("/")
         root = server.proc.pid if server else args.pid
         workers = service_workers(root) if root else {}
