@@ -217,9 +217,10 @@ def _let_arg_override_arg_file(argv: list[str] | None = None) -> None:
     pairs += [a[len("--arg="):] for a in argv if a.startswith("--arg=")]
     overrides = dict(p.partition("=")[::2] for p in pairs if "=" in p)
     if overrides:
-        from bentoml._internal.utils.args import set_arguments
+        from bentoml._internal.configuration.containers import BentoMLContainer
 
-        set_arguments(overrides, override=True)
+        merged = {**BentoMLContainer.bento_arguments.get(), **overrides}
+        BentoMLContainer.bento_arguments.set(merged)
 
 
 def nest_arguments(arguments: dict) -> dict:

@@ -91,12 +91,14 @@ def test_arg_overrides_arg_file_whatever_the_order():
 
     before = dict(BentoMLContainer.bento_arguments.get())
     try:
-        set_arguments({"max_tokens_limit": 256, "llm.max_num_seqs": "8"}, override=True)
+        set_arguments({"max_tokens_limit": 256, "llm.max_num_seqs": "8", "device": "cpu"},
+                      override=True)
         _let_arg_override_arg_file(["/x/bin/bentoml", "serve", "service:LMMService",
                                     "--arg-file", "configs/test.yaml", "--arg",
                                     "max_tokens_limit=1024", "--arg=llm.max_num_seqs=64"])
         arguments = BentoMLContainer.bento_arguments.get()
         assert arguments["max_tokens_limit"] == "1024" and arguments["llm.max_num_seqs"] == "64"
+        assert arguments["device"] == "cpu"  # what --arg does not name stays as the file says
         _let_arg_override_arg_file(["/x/bin/python", "-m", "pytest", "--arg", "x=1"])
         assert "x" not in BentoMLContainer.bento_arguments.get()
     finally:
