@@ -15,8 +15,8 @@ import bentoml
 from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
-from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm import backpressure, faults, request_id
+from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
@@ -241,10 +241,12 @@ TAGS = [
 ]
 
 # Outermost first: the request id (on every answer, 401s included); no key, no work (not even
-# buffering an upload); then every error body in the one shape; then the upload guard. Bound the buffered body by what the largest valid request
-# can carry (base64 inflates by 4/3).
+# buffering an upload); every error body in the one shape; the concurrency bound and draining;
+# the docs page; cancelling on disconnect; the upload guard, which bounds the buffered body by
+# what the largest valid request can carry (base64 inflates by 4/3).
 LMMService.add_asgi_middleware(request_id.RequestId)
-LMMService.add_asgi_middleware(ApiKeyAuth, keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
+LMMService.add_asgi_middleware(ApiKeyAuth,
+                               keys=KeyStore.from_environment(CONFIG.auth.api_keys_file),
                                protect_metrics=CONFIG.auth.protect_metrics)
 LMMService.add_asgi_middleware(ErrorShape)
 LMMService.add_asgi_middleware(backpressure.ConcurrencyLimit, limit=CONFIG.api.max_concurrency)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import collections
 import io
+import sys
 import time
 from pathlib import Path
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import base64
 import io
 import json
 import statistics
+import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import httpx
 

@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator, Literal, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from lmm.config import LMMConfig
 from lmm import faults
+from lmm.config import LMMConfig
 from lmm.errors import BadRequest, EngineFault, Overloaded
 from lmm.postprocess import IncrementalDetokenizer, StopStrings
 from lmm.protocol import EngineOutput, FinishReason, SamplingParams, Usage
@@ -219,7 +219,8 @@ class Pipeline:
         async def pump(i: int) -> None:
             seed = None if params.seed is None else params.seed + i
             try:
-                async for d in self._one(i, prompt, features, params.model_copy(update={"seed": seed}), stop):
+                own = params.model_copy(update={"seed": seed})
+                async for d in self._one(i, prompt, features, own, stop):
                     await queue.put(d)
             except BaseException as exc:  # surfaced to the consumer below
                 await queue.put(exc)

@@ -153,8 +153,8 @@ class OpenAIServing:
         data = [oai.Embedding(index=i, embedding=_encode(vectors[i], request.encoding_format))
                 for i in range(len(items))]
         tokens = result.prompt_tokens
-        return oai.EmbeddingResponse(data=data, model=self.embedding_model.id, usage=oai.EmbeddingUsage(
-            prompt_tokens=tokens, total_tokens=tokens))
+        used = oai.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        return oai.EmbeddingResponse(data=data, model=self.embedding_model.id, usage=used)
 
 
 async def _chat_chunks(run: AsyncIterator[Delta | Usage], head: dict, n: int,

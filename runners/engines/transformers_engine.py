@@ -24,8 +24,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 
 from lmm.device import resolve_device_dtype
-from lmm.engine import (Admission, BatchSizes, StepFaults, fault_message,
-                        validate_request)
+from lmm.engine import Admission, BatchSizes, StepFaults, fault_message, validate_request
 from lmm.protocol import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)

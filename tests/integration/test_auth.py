@@ -87,9 +87,10 @@ def test_an_open_server_says_so_at_startup(server):
 
 
 def test_the_client_and_both_langchain_models_pass_their_key(keyed):
+    from langchain_core.messages import HumanMessage
+
     from client import Client, ClientError
     from client.langchain import BentoLMM, ChatBentoLMM
-    from langchain_core.messages import HumanMessage
 
     png = (ROOT / "examples" / "red-circle-left.png").read_bytes()
     with Client(keyed.url, api_key=ENV_KEY) as lmm:

@@ -43,7 +43,8 @@ def test_readme_serve_command(command, bentoml_home, tmp_path):
     try:
         server.wait_ready(timeout=300)
         png = (ROOT / "examples" / "red-circle-left.png").read_bytes()
-        r = httpx.post(server.url + "/generate", timeout=120, data={"prompt": "Describe the image."},
+        r = httpx.post(server.url + "/generate", timeout=120,
+                       data={"prompt": "Describe the image."},
                        files=[("images", ("i.png", png, "image/png"))])
         assert r.status_code == 200 and r.json()["text"] == "a red circle on the left", r.text
         info = httpx.post(server.url + "/model_info", json={}, timeout=30).json()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from playwright import sync_api
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,12 @@ import pytest
 import torch
 
 from lmm.encoders import LlavaVisionEncoder
-from lmm.engine import (MAX_CONSECUTIVE_FAULTS, EngineOverloaded, read_generation_info,
-                        validate_request)
+from lmm.engine import (
+    MAX_CONSECUTIVE_FAULTS,
+    EngineOverloaded,
+    read_generation_info,
+    validate_request,
+)
 from lmm.pipeline import user_messages
 from lmm.protocol import EngineOutput, SamplingParams
 from models.shapes.data import make_samples

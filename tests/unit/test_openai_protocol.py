@@ -14,9 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from lmm.adapters import ServedModel
 from lmm.config import ImageLimits, LMMConfig
 from lmm.errors import BadRequest
-from lmm.adapters import ServedModel
 from lmm.openai_api import create_app
 from lmm.pipeline import Delta, Embeddings, Pipeline, Prompt, usage
 from lmm.protocol import SamplingParams, Usage
