@@ -24,7 +24,7 @@ import pytest
 
 from configs.k8s import SERVICES, load_config, render
 from tests.conftest import BENTOML, ROOT, Server, free_port
-from tests.integration.test_split_topology import API_KEY, loopback_args
+from tests.integration.test_split_topology import API_KEY, KEYED, loopback_args
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
 
@@ -198,7 +198,7 @@ def ask_shapes(url: str, tmp_path: Path, n: int = 4) -> None:
                 f"{url}/generate",
                 files={"images": (path.name, f, "image/png")},
                 data={"prompt": sample.question, "max_tokens": "16"},
-                headers={"Authorization": f"Bearer {API_KEY}"},
+                headers=KEYED,
                 timeout=120,
             )
         assert resp.status_code == 200, resp.text
@@ -277,8 +277,10 @@ def pods(built_image, tmp_path_factory):
 
 def test_one_container_per_service_with_the_rendered_args(pods, tmp_path):
     ask_shapes(pods["lmm-api"].url, tmp_path)
-    stats = httpx.post(f"{pods['lmm-api'].url}/runner_stats", json={}, timeout=30).json()
+    stats = httpx.post(f"{pods['lmm-api'].url}/runner_stats", json={}, headers=KEYED,
+                       timeout=30).json()
     assert stats["vision"]["batches"] >= 1 and stats["llm"]["batches"] >= 1
-    info = httpx.post(f"{pods['lmm-api'].url}/model_info", json={}, timeout=30).json()
+    info = httpx.post(f"{pods['lmm-api'].url}/model_info", json={}, headers=KEYED,
+                      timeout=30).json()
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items()))
     assert info["max_tokens_limit"] == 256  # configs/test.yaml, mounted; the Bento has 1024

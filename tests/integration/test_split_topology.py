@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 CONFIG = "configs/test.yaml"  # the Bento's build-time config
 API_KEY = "split-topology-test-key"
+KEYED = {"Authorization": f"Bearer {API_KEY}"}  # the rendered pods get LMM_API_KEY
 CONFIGMAP_MAX_TOKENS = 200  # the "ConfigMap" differs from the baked config in this one value
 TRAINED = "LMM_WEIGHTS" not in os.environ  # the trained weights answer shapes questions
 
@@ -124,7 +125,7 @@ def post_generate(url: str, image: Path, prompt: str, max_tokens: int = 8) -> ht
             f"{url}/generate",
             files={"images": (image.name, f, "image/png")},
             data={"prompt": prompt, "max_tokens": str(max_tokens)},
-            headers={"Authorization": f"Bearer {API_KEY}"},
+            headers=KEYED,
             timeout=120,
         )
 
@@ -165,11 +166,12 @@ def test_image_and_prompt_end_to_end(split, tmp_path):
     if TRAINED:
         assert correct == len(samples)
     # The request crossed process boundaries: the separate runner processes did the work.
-    stats = httpx.post(f"{api}/runner_stats", json={}, timeout=30).json()
+    stats = httpx.post(f"{api}/runner_stats", json={}, headers=KEYED, timeout=30).json()
     assert stats["vision"]["batches"] >= 1 and stats["llm"]["batches"] >= 1
 
 
 def test_configmap_config_is_the_served_config(split):
     """LMM_CONFIG_FILE (the mounted ConfigMap) is what the services run with."""
-    info = httpx.post(f"{split['lmm-api'].url}/model_info", json={}, timeout=30).json()
+    info = httpx.post(f"{split['lmm-api'].url}/model_info", json={}, headers=KEYED,
+                      timeout=30).json()
     assert info["max_tokens_limit"] == CONFIGMAP_MAX_TOKENS
