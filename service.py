@@ -116,6 +116,15 @@ class LMMService:
                                        for runner in (self.vision, self.llm)))
         return all(ready)
 
+    async def _embed(self, request: EmbedInput, refs):
+        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+        return await self.pipeline.embed(request.texts, images)
+
+    async def _rank(self, query: str | None, texts: list[str], refs):
+        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+        return await self.pipeline.rank(query if query is not None else images.pop(0), texts,
+                                        images)
+
     async def _complete(self, request: GenerateRequest, deadline: Deadline):
         return await collect(await self._prepare(request, deadline), request.n)
 
@@ -156,9 +165,7 @@ class LMMService:
         if not request.texts and not request.images and not request.images_b64:
             raise BadRequest("send at least one of texts, images or images_b64.", "texts")
         refs = image_refs(request.images, request.images_b64)
-        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
-        result = await Deadline.start(None, CONFIG.api.timeout).run(
-            self.pipeline.embed(request.texts, images))
+        result = await Deadline.start(None, CONFIG.api.timeout).run(self._embed(request, refs))
         dim = len((result.texts or result.images)[0])
         return EmbedResponse(model=self.embedding_model.name, dim=dim,
                              text_embeddings=result.texts, image_embeddings=result.images)
@@ -176,11 +183,10 @@ class LMMService:
                              "query_image_b64.", "query")
         refs = image_refs(request.candidate_images, request.candidate_images_b64,
                           "candidate_images", "candidate_images_b64")
-        images = await self.images.decode(query_refs + refs, CONFIG.images.max_embed_images)
-        query = request.query if request.query is not None else images.pop(0)
-        ranked = await self.pipeline.rank(query, request.candidates, images)
+        ranked = await Deadline.start(None, CONFIG.api.timeout).run(
+            self._rank(request.query, request.candidates, query_refs + refs))
         return RankResponse(
-            model=self.embedding_model.name, query="text" if isinstance(query, str) else "image",
+            model=self.embedding_model.name, query="image" if query_refs else "text",
             results=[RankedCandidate(kind=r.kind, index=r.index, text=r.text, score=r.score)
                      for r in ranked])
 

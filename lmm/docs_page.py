@@ -36,6 +36,7 @@ class DocsPage:
         self.app, self.title, self.description = app, title, description
         self.version, self.tags = version, list(tags)
         self.page = _PAGE.format(title=html.escape(title)).encode()
+        self.spec: bytes | None = None  # /docs.json as rewritten, once: the spec does not change
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
@@ -44,6 +45,8 @@ class DocsPage:
             return await _respond(send, 200, "text/html; charset=utf-8", self.page)
         if scope["path"] != "/docs.json":
             return await self.app(scope, receive, send)
+        if self.spec is not None:
+            return await _respond(send, 200, "application/json", self.spec)
         start, chunks = {}, []
 
         async def capture(message):
@@ -68,7 +71,7 @@ class DocsPage:
             schemes["bearer"] = {"type": "http", "scheme": "bearer",
                                  "description": "The API key, when the server has one."}
             spec["security"] = [{"bearer": []}, {}]  # {}: none needed without a key
-            body = json.dumps(spec).encode()
+            body = self.spec = json.dumps(spec).encode()
         await _respond(send, start.get("status", 500), "application/json", body)
 
 

@@ -82,8 +82,12 @@ class OpenAIServing:
     # -- completions -------------------------------------------------------------------
     async def chat(self, request: oai.ChatCompletionRequest
                    ) -> oai.ChatCompletion | AsyncIterator[str]:
+        return await self._within_deadline(request, self._chat)
+
+    async def _within_deadline(self, request: oai.SamplingRequest, body):
+        """``body(request, deadline)`` bounded by the request's deadline (504 past it)."""
         deadline = Deadline.start(request.timeout, self.config.api.timeout)
-        return await deadline.run(self._chat(request, deadline))
+        return await deadline.run(body(request, deadline))
 
     async def _chat(self, request: oai.ChatCompletionRequest, deadline: Deadline):
         self.model(request.model)
@@ -102,8 +106,7 @@ class OpenAIServing:
 
     async def completion(self, request: oai.CompletionRequest
                          ) -> oai.TextCompletion | AsyncIterator[str]:
-        deadline = Deadline.start(request.timeout, self.config.api.timeout)
-        return await deadline.run(self._completion(request, deadline))
+        return await self._within_deadline(request, self._completion)
 
     async def _completion(self, request: oai.CompletionRequest, deadline: Deadline):
         self.model(request.model)
