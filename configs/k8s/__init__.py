@@ -5,7 +5,7 @@ the image entrypoint's ``start-http-server`` command, which is BentoML 1.4's sta
 start (``python -m bentoml_cli._internal.start start-http-server ... $BENTO_PATH``; there is no
 ``bentoml start`` command in 1.4.39)::
 
-    start-http-server --service-name lmm-api --host 0.0.0.0 --port 3000 \\
+    start-http-server --service-name lmm-api --host 0.0.0.0 --port 3000 --timeout-keep-alive 75 \\
         --depends lmm-llm=http://lmm-llm:3000 --depends lmm-vision=http://lmm-vision:3000
 
 The services, their dependencies, workers, resources and timeouts come from the BentoML service
@@ -144,11 +144,19 @@ def service_url(name: str, port: int = PORT) -> str:
     return f"http://{name}:{port}"
 
 
+# Idle keep-alive connections stay open this long (uvicorn's default is 5 s). It must outlast the
+# idle timeout of whatever holds connections to the pod: httpx pools expire at 5 s, aiohttp's (the
+# runner clients') at 15 s, cloud load balancers commonly at 60 s. When the server closes first, a
+# request sent on the closing connection is lost without an answer.
+KEEP_ALIVE_S = 75
+
+
 def start_args(
     name: str, depends: dict[str, str], host: str = "0.0.0.0", port: int = PORT
 ) -> list[str]:
     """The container args that start one service; the image entrypoint appends the Bento path."""
-    args = ["start-http-server", "--service-name", name, "--host", host, "--port", str(port)]
+    args = ["start-http-server", "--service-name", name, "--host", host, "--port", str(port),
+            "--timeout-keep-alive", str(KEEP_ALIVE_S)]
     for dep in sorted(depends):
         args += ["--depends", f"{dep}={depends[dep]}"]
     return args

@@ -210,6 +210,8 @@ def test_each_pod_starts_one_service_with_its_dependencies_by_url(example):
         assert arg(args, "--port") == [str(PORT)]
         assert arg(args, "--host") == ["0.0.0.0"]
         assert arg(args, "--depends") == [f"{d}={service_url(d)}" for d in sorted(spec.depends)]
+        # longer than the idle timeouts of the clients and balancers in front (5-60 s)
+        assert arg(args, "--timeout-keep-alive") == ["75"]
 
 
 def test_resources_probes_config_and_secret(example):
