@@ -1,25 +1,48 @@
-"""Side-by-side serving benchmark over OpenAI-compatible endpoints (ours, plain vLLM, any other).
+"""Serving benchmark over OpenAI-compatible endpoints (ours, plain vLLM, any other), side by side.
 
-    python bench/serve.py --target ours-vllm=http://127.0.0.1:3000 \
-        --target vllm=http://127.0.0.1:8000 --concurrency 1 16 64 -n 128 --out bench.json
+    python bench/serve.py --target ours=http://127.0.0.1:3000 --target vllm=http://127.0.0.1:8000 \
+        --concurrency 1 16 64 --request-rate 4 16 inf --images shapes large -n 128 \
+        --out bench.json --plot bench.png
 
-Every request is a /v1/chat/completions call with one shapes image (a 64-px PNG as a data URL)
-and a question, greedy, exactly ``--max-tokens`` output tokens (``ignore_eos``, which both
-bento-lmm and vLLM accept). For each target, concurrency level and mode (non-streamed and
-streamed) it sends ``--warmup`` requests, then ``-n`` timed ones, and reports req/s, output
-tok/s, p50/p90 latency, p50 time to first token (streamed) and the failures. Targets are measured
-one after another, level by level, so they see the same machine state; the ratios between
-targets in one run are what the figures are for.
+Every request is a /v1/chat/completions call with ``--images-per-request`` images (data URLs from
+the ``--images`` set, see bench/images.py) and a question, greedy, exactly ``--max-tokens`` output
+tokens (``ignore_eos``, which bento-lmm and vLLM accept); the model is the first one each target's
+/v1/models lists.
+
+Load shapes: a concurrency sweep (``--concurrency``: that many requests in flight, each sent as
+the previous one ends) and Poisson arrivals (``--request-rate``, req/s: exponential gaps between
+request starts from a seeded RNG, the same schedule for every target; ``inf`` sends all at once;
+``--max-concurrency`` caps the requests in flight). Each load runs non-streamed, streamed or both
+(``--mode``). A level is one (image set, load, mode); for each level every target gets
+``--warmup`` untimed requests, then ``-n`` timed ones, one target after another, so they see the
+same machine state. The ratios between targets in one run are what the figures are for.
+
+Per target and level: req/s, output tok/s, img/s, end-to-end latency, and when streamed time to
+first token (TTFT), time per output token after the first (TPOT, per request) and inter-token
+latency (ITL, the gaps between content chunks), each as mean/p50/p90/p99 in ms; the failed
+requests (count, and status and message of the first ``--keep-errors``). Token counts come from
+``usage`` (streamed: the final chunk, asked for with ``stream_options.include_usage``), else from
+the number of content chunks. ``short_outputs`` counts completed requests with fewer than
+``--max-tokens`` output tokens (a server that ignored ``ignore_eos``).
+
+Output: each level's row on stderr as it is measured, the markdown table on stdout at the end,
+``--out`` JSON (a header with the command line, date and targets; one record per target and
+level with every field, null where a figure does not apply), ``--plot`` PNG (output tok/s and
+TTFT p50 against the load, one line per target and mode).
+A target that does not answer /v1/models stops the run before any request, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
+import datetime
 import json
-import statistics
+import math
+import os
+import platform
+import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,34 +51,126 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
-from models.shapes.data import make_samples  # noqa: E402
+from bench.images import IMAGE_SETS, Prompt, prompts  # noqa: E402
+
+PERCENTILES = (50, 90, 99)
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class TargetError(Exception):
+    """A target that cannot be benchmarked (exit code 2)."""
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between the closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float | None]:
+    """mean and p50/p90/p99 of durations in seconds, in ms (None for no values)."""
+    out: dict[str, float | None] = {
+        "mean": sum(values_s) / len(values_s) * 1000 if values_s else None}
+    for q in PERCENTILES:
+        p = percentile(values_s, q)
+        out[f"p{q}"] = None if p is None else p * 1000
+    return out
+
+
+def gaps(times: list[float]) -> list[float]:
+    """Inter-token latencies: the gaps between successive chunk arrival times."""
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def tpot(latency: float, ttft: float, output_tokens: int) -> float | None:
+    """Time per output token after the first, of one request."""
+    return (latency - ttft) / (output_tokens - 1) if output_tokens > 1 else None
+
+
+# --- one request --------------------------------------------------------------------------------
 
 
 @dataclass
-class Level:
-    target: str
-    concurrency: int
-    stream: bool
-    requests: int
-    failed: int = 0
-    errors: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    req_per_s: float = 0.0
-    output_tok_per_s: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p90_ms: float = 0.0
-    ttft_p50_ms: float | None = None
+class Outcome:
+    ok: bool
+    latency: float = 0.0
+    ttft: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # content chunks, from the start
+    output_tokens: int = 0
+    input_tokens: int = 0
+    tokens_from: str = "usage"
+    status: int | None = None
+    message: str = ""
 
 
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+def error_message(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+        error = body.get("error", body) if isinstance(body, dict) else body
+        message = error.get("message", error) if isinstance(error, dict) else error
+        return str(message)[:300]
+    except ValueError:
+        return raw.decode(errors="replace")[:300]
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+async def send(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -> Outcome:
+    """One /v1/chat/completions request; failures are returned, not raised."""
+    started = time.perf_counter()
+    try:
+        if not stream:
+            r = await client.post(url, content=body, headers=JSON_HEADERS)
+            if r.status_code != 200:
+                return Outcome(False, status=r.status_code, message=error_message(r.content))
+            answer = r.json()
+            latency = time.perf_counter() - started
+            usage = answer.get("usage") or {}
+            if "completion_tokens" not in usage:
+                return Outcome(False, status=200, message="answer has no usage.completion_tokens")
+            return Outcome(True, latency, output_tokens=usage["completion_tokens"],
+                           input_tokens=usage.get("prompt_tokens") or 0)
+        usage, times, done = None, [], False
+        async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
+            if r.status_code != 200:
+                return Outcome(False, status=r.status_code, message=error_message(await r.aread()))
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    return Outcome(False, status=200,
+                                   message="stream error event: " + error_message(payload.encode()))
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    times.append(time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        if not done:
+            return Outcome(False, status=200, message="stream ended without data: [DONE]")
+        if not times:
+            return Outcome(False, status=200, message="stream had no content chunk")
+        from_usage = bool(usage and "completion_tokens" in usage)
+        return Outcome(True, latency, ttft=times[0], chunk_times=times,
+                       output_tokens=usage["completion_tokens"] if from_usage else len(times),
+                       input_tokens=(usage or {}).get("prompt_tokens") or 0,
+                       tokens_from="usage" if from_usage else "chunks")
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # counted, never hidden
+        return Outcome(False, message=f"{type(exc).__name__}: {exc}"[:300])
+
+
+# --- targets and levels -------------------------------------------------------------------------
 
 
 class Target:
@@ -64,130 +179,350 @@ class Target:
         self.model = ""
 
     async def discover(self) -> None:
-        models = (await self.client.get(self.url + "/v1/models")).json()["data"]
-        self.model = models[0]["id"]
+        """The first model of /v1/models; TargetError naming the target if there is none."""
+        where = f"target {self.name} ({self.url})"
+        try:
+            r = await self.client.get(self.url + "/v1/models", timeout=10)
+        except httpx.HTTPError as exc:
+            raise TargetError(f"{where} does not answer /v1/models: "
+                              f"{type(exc).__name__}: {exc or 'no answer'}") from None
+        if r.status_code != 200:
+            raise TargetError(f"{where}: /v1/models answered {r.status_code}: "
+                              f"{error_message(r.content)}")
+        try:
+            self.model = r.json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise TargetError(f"{where}: /v1/models lists no model: {r.text[:200]!r}") from None
 
-    def body(self, image: str, question: str, max_tokens: int, stream: bool) -> dict:
+    def body(self, prompt: Prompt, max_tokens: int, stream: bool) -> bytes:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in prompt.images]
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image}},
-                {"type": "text", "text": question},
-            ]}],
+            "messages": [{"role": "user",
+                          "content": [*parts, {"type": "text", "text": prompt.question}]}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream,
         }
         if stream:
             body["stream_options"] = {"include_usage": True}
-        return body
-
-    async def one(self, body: dict) -> tuple[float, float | None, int]:
-        """(latency s, time to first token s or None, output tokens) of one request."""
-        started = time.perf_counter()
-        if not body["stream"]:
-            r = await self.client.post(self.url + "/v1/chat/completions", json=body)
-            r.raise_for_status()
-            return time.perf_counter() - started, None, r.json()["usage"]["completion_tokens"]
-        first, tokens = None, 0
-        async with self.client.stream("POST", self.url + "/v1/chat/completions",
-                                      json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"].get("message", "stream error"))
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    first = first or time.perf_counter() - started
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return time.perf_counter() - started, first, tokens
+        return json.dumps(body).encode()
 
 
-async def level(target: Target, prompts: list[tuple[str, str]], n: int, warmup: int,
-                concurrency: int, stream: bool, max_tokens: int) -> Level:
-    result = Level(target.name, concurrency, stream, n)
-    sem = asyncio.Semaphore(concurrency)
-    timings: list[tuple[float, float | None, int]] = []
+@dataclass
+class Load:
+    kind: str  # "concurrency" or "request_rate"
+    value: float  # requests in flight, or req/s (inf: all at once)
+    max_concurrency: int | None = None  # request_rate only
 
-    async def send(i: int, record: bool) -> None:
-        image, question = prompts[i % len(prompts)]
+    @property
+    def label(self) -> str:
+        if self.kind == "concurrency":
+            return f"c={int(self.value)}"
+        return "rate=inf" if math.isinf(self.value) else f"rate={self.value:g}"
+
+
+@dataclass
+class Level:
+    """One target at one level: every field is present, None where it does not apply."""
+
+    target: str
+    url: str
+    model: str
+    images: str
+    images_per_request: int
+    load: str  # "concurrency" or "request_rate"
+    concurrency: int | None  # requests in flight (request_rate: the --max-concurrency cap)
+    request_rate: float | str | None  # req/s, "inf" for all at once; None for concurrency
+    mode: str  # "plain" or "stream"
+    max_tokens: int
+    warmup: int
+    requests: int
+    completed: int = 0
+    failed: int = 0
+    errors: list[dict] = field(default_factory=list)  # {"request", "status", "message"}
+    short_outputs: int = 0
+    tokens_from: str = "usage"  # "usage", "chunks" or "usage+chunks"
+    duration_s: float = 0.0
+    req_per_s: float = 0.0
+    output_tok_per_s: float = 0.0
+    input_tok_per_s: float = 0.0
+    img_per_s: float = 0.0
+    total_output_tokens: int = 0
+    total_input_tokens: int = 0
+    peak_in_flight: int = 0
+    e2e_ms: dict = field(default_factory=dict)
+    ttft_ms: dict | None = None
+    tpot_ms: dict | None = None
+    itl_ms: dict | None = None
+
+
+def summarize(level: Level, outcomes: list[tuple[int, Outcome]], duration: float,
+              keep_errors: int) -> Level:
+    done = [o for _, o in outcomes if o.ok]
+    level.completed, level.failed = len(done), len(outcomes) - len(done)
+    level.errors = [{"request": i, "status": o.status, "message": o.message}
+                    for i, o in outcomes if not o.ok][:keep_errors]
+    level.short_outputs = sum(o.output_tokens < level.max_tokens for o in done)
+    level.tokens_from = "+".join(sorted({o.tokens_from for o in done})) or "usage"
+    level.duration_s = duration
+    level.total_output_tokens = sum(o.output_tokens for o in done)
+    level.total_input_tokens = sum(o.input_tokens for o in done)
+    level.req_per_s = len(done) / duration if duration else 0.0
+    level.output_tok_per_s = level.total_output_tokens / duration if duration else 0.0
+    level.input_tok_per_s = level.total_input_tokens / duration if duration else 0.0
+    level.img_per_s = level.req_per_s * level.images_per_request
+    level.e2e_ms = summary_ms([o.latency for o in done])
+    if level.mode == "stream":
+        level.ttft_ms = summary_ms([o.ttft for o in done])
+        level.tpot_ms = summary_ms([t for o in done
+                                    if (t := tpot(o.latency, o.ttft, o.output_tokens)) is not None])
+        level.itl_ms = summary_ms([g for o in done for g in gaps(o.chunk_times)])
+    return level
+
+
+async def measure(target: Target, batch: list[Prompt], load: Load, stream: bool, args,
+                  images: str) -> Level:
+    """--warmup untimed then -n timed requests of ``batch`` (warmup first) at ``load``."""
+    level = Level(
+        target.name, target.url, target.model, images, args.images_per_request, load.kind,
+        int(load.value) if load.kind == "concurrency" else load.max_concurrency,
+        None if load.kind == "concurrency" else ("inf" if math.isinf(load.value) else load.value),
+        "stream" if stream else "plain", args.max_tokens, args.warmup, args.n)
+    url = target.url + "/v1/chat/completions"
+    bodies: dict[Prompt, bytes] = {}
+    for prompt in batch:  # encoded before the clock starts; shared by repeated prompts
+        if prompt not in bodies:
+            bodies[prompt] = target.body(prompt, args.max_tokens, stream)
+    limit = int(load.value) if load.kind == "concurrency" else load.max_concurrency
+    sem = asyncio.Semaphore(limit or len(batch))
+    in_flight = 0
+
+    async def one(i: int) -> tuple[int, Outcome]:
+        nonlocal in_flight
         async with sem:
+            in_flight += 1
+            level.peak_in_flight = max(level.peak_in_flight, in_flight)
             try:
-                timing = await target.one(target.body(image, question, max_tokens, stream))
-            except Exception as exc:  # counted and reported, never hidden
-                if record:
-                    result.failed += 1
-                    result.errors.append(f"{type(exc).__name__}: {exc}"[:200])
-                return
-            if record:
-                timings.append(timing)
+                return i, await send(target.client, url, bodies[batch[i]], stream)
+            finally:
+                in_flight -= 1
 
-    await asyncio.gather(*[send(i, False) for i in range(warmup)])
+    await asyncio.gather(*[one(i) for i in range(args.warmup)])
+    level.peak_in_flight = 0
+    timed = range(args.warmup, args.warmup + args.n)
     started = time.perf_counter()
-    await asyncio.gather(*[send(i, True) for i in range(n)])
-    result.seconds = time.perf_counter() - started
-    latencies = [t[0] for t in timings]
-    ttfts = [t[1] for t in timings if t[1] is not None]
-    result.req_per_s = len(timings) / result.seconds
-    result.output_tok_per_s = sum(t[2] for t in timings) / result.seconds
-    result.latency_p50_ms = statistics.median(latencies) * 1000 if latencies else 0.0
-    result.latency_p90_ms = quantile(latencies, 0.9) * 1000
-    result.ttft_p50_ms = statistics.median(ttfts) * 1000 if ttfts else None
-    return result
+    if load.kind == "concurrency":
+        outcomes = await asyncio.gather(*[one(i) for i in timed])
+    else:
+        rng = random.Random(args.seed)  # the same arrival times for every target
+        tasks, due = [], started
+        for i in timed:
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(i)))
+            if not math.isinf(load.value):
+                due += rng.expovariate(load.value)
+        outcomes = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - started
+    return summarize(level, [(i - args.warmup, o) for i, o in outcomes], duration,
+                     args.keep_errors)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _ms(stats: dict | None) -> str:
+    if not stats or stats.get("p50") is None:
+        return ""
+    return " / ".join(f"{stats[f'p{q}']:.0f}" for q in PERCENTILES)
+
+
+def _load_label(r: Level) -> str:
+    if r.load == "concurrency":
+        return f"c={r.concurrency}"
+    rate = r.request_rate if r.request_rate == "inf" else f"{r.request_rate:g}"
+    return f"rate={rate}" + (f" (c≤{r.concurrency})" if r.concurrency else "")
+
+
+TABLE_HEAD = (
+    "| target | images | load | mode | req/s | out tok/s | img/s | TTFT ms p50/p90/p99 "
+    "| TPOT ms p50/p90/p99 | ITL ms p50/p90/p99 | E2E ms p50/p90/p99 | failed |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: Level) -> str:
+    images = r.images + (f" ×{r.images_per_request}" if r.images_per_request > 1 else "")
+    return (f"| {r.target} | {images} | {_load_label(r)} | {r.mode} | {r.req_per_s:.1f} | "
+            f"{r.output_tok_per_s:.0f} | {r.img_per_s:.1f} | {_ms(r.ttft_ms)} | "
+            f"{_ms(r.tpot_ms)} | {_ms(r.itl_ms)} | {_ms(r.e2e_ms)} | {r.failed} |")
 
 
 def table(results: list[Level]) -> str:
-    rows = ["| target | conc. | stream | req/s | out tok/s | p50 ms | p90 ms | TTFT p50 ms | failed |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        ttft = "" if r.ttft_p50_ms is None else f"{r.ttft_p50_ms:.0f}"
-        rows.append(f"| {r.target} | {r.concurrency} | {'yes' if r.stream else 'no'} | "
-                    f"{r.req_per_s:.1f} | {r.output_tok_per_s:.0f} | {r.latency_p50_ms:.0f} | "
-                    f"{r.latency_p90_ms:.0f} | {ttft} | {r.failed} |")
-    return "\n".join(rows)
+    return "\n".join([TABLE_HEAD, *map(table_row, results)])
 
 
-async def run(args) -> list[Level]:
-    samples = make_samples(64, seed=11)
-    prompts = [(data_url(s.image.resize((64, 64))), s.question) for s in samples]
+def plot(results: list[Level], path: str) -> None:
+    """Output tok/s and TTFT p50 against the load: a row of two panels per load kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("concurrency", "request_rate") if any(r.load == k for r in results)]
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.5 * len(kinds)), squeeze=False)
+    several_sets = len({(r.images, r.images_per_request) for r in results}) > 1
+    for row, kind in zip(axes, kinds):
+        rows = [r for r in results if r.load == kind]
+        xs = list(dict.fromkeys(r.concurrency if kind == "concurrency" else r.request_rate
+                                for r in rows))
+        lines: dict[str, list[Level]] = {}
+        for r in rows:
+            name = f"{r.target} {r.mode}" + (f" {r.images}×{r.images_per_request}"
+                                              if several_sets else "")
+            lines.setdefault(name, []).append(r)
+        for name, points in lines.items():
+            at = [xs.index(p.concurrency if kind == "concurrency" else p.request_rate)
+                  for p in points]
+            row[0].plot(at, [p.output_tok_per_s for p in points], marker="o", label=name)
+            if points[0].mode == "stream":
+                row[1].plot(at, [p.ttft_ms["p50"] if p.ttft_ms["p50"] is not None
+                                 else float("nan") for p in points], marker="o", label=name)
+        xlabel = "concurrency" if kind == "concurrency" else "request rate (req/s)"
+        for ax, ylabel in zip(row, ("output tok/s", "TTFT p50 (ms)")):
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.get_lines():
+                ax.legend(fontsize=8)
+        if not row[1].get_lines():
+            row[1].text(0.5, 0.5, "TTFT is measured on streamed requests (--mode stream|both)",
+                        ha="center", va="center", transform=row[1].transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def loads(args) -> list[Load]:
+    out = [Load("concurrency", c) for c in args.concurrency or []]
+    return out + [Load("request_rate", r, args.max_concurrency) for r in args.request_rate or []]
+
+
+async def run(args) -> tuple[list[Target], list[Level]]:
+    sweep = loads(args)
+    most = max(int(ld.value) if ld.kind == "concurrency" else (ld.max_concurrency or
+               args.n + args.warmup) for ld in sweep)
+    limits = httpx.Limits(max_connections=most + 8, max_keepalive_connections=most + 8,
+                          keepalive_expiry=2)  # under servers' keep-alive (uvicorn's 5 s)
     results: list[Level] = []
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 8)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         targets = [Target(*spec.split("=", 1), client) for spec in args.target]
         for target in targets:
             await target.discover()
-        for concurrency in args.concurrency:
-            for stream in (False, True):
-                for target in targets:
-                    r = await level(target, prompts, args.n, args.warmup, concurrency, stream,
-                                    args.max_tokens)
-                    print(table([r]).splitlines()[-1], flush=True)
-                    results.append(r)
-    return results
+            print(f"# {target.name}: {target.url} model {target.model}", file=sys.stderr)
+        print(TABLE_HEAD, file=sys.stderr, flush=True)  # progress; the table goes to stdout
+        streams = {"plain": [False], "stream": [True], "both": [False, True]}[args.mode]
+        number = 0  # levels so far: seeds the per-level images of the repeat set
+        for images in args.images:
+            for load in sweep:
+                for stream in streams:
+                    batch = prompts(images, args.warmup + args.n, args.images_per_request,
+                                    number)
+                    number += 1
+                    for target in targets:
+                        r = await measure(target, batch, load, stream, args, images)
+                        print(table_row(r), file=sys.stderr, flush=True)
+                        results.append(r)
+    return targets, results
 
 
-def main() -> None:
+def rate(value: str) -> float:
+    r = float(value)
+    if not r > 0:
+        raise argparse.ArgumentTypeError(f"request rate must be > 0 or inf, got {value}")
+    return r
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return n
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", action="append", required=True, metavar="NAME=URL",
                         help="an OpenAI-compatible server (its /v1 is appended); repeatable")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("-n", type=int, default=128, help="timed requests per level")
+    parser.add_argument("--concurrency", type=positive, nargs="+", metavar="C",
+                        help="requests in flight per level (default 1 16 64 when no "
+                             "--request-rate is given)")
+    parser.add_argument("--request-rate", type=rate, nargs="+", metavar="R",
+                        help="Poisson arrivals at R req/s per level; inf: all at once")
+    parser.add_argument("--max-concurrency", type=positive, metavar="C",
+                        help="with --request-rate: at most C requests in flight")
+    parser.add_argument("--mode", choices=("stream", "plain", "both"), default="both")
+    parser.add_argument("--images", nargs="+", choices=IMAGE_SETS, default=["shapes"],
+                        help="image sets, one sweep each (bench/images.py)")
+    parser.add_argument("--images-per-request", type=positive, default=1, metavar="K")
+    parser.add_argument("-n", type=positive, default=128, help="timed requests per level")
     parser.add_argument("--warmup", type=int, default=16, help="untimed requests per level")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--max-tokens", type=positive, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="of the Poisson arrival times")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    parser.add_argument("--keep-errors", type=int, default=10, metavar="N",
+                        help="failed requests listed per level (all are counted)")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--plot", metavar="FILE.png", help="write a plot of the results here")
+    args = parser.parse_args(argv)
     for spec in args.target:
-        if "=" not in spec:
-            parser.error(f"--target wants NAME=URL, got {spec!r}")
-    results = asyncio.run(run(args))
+        name, _, url = spec.partition("=")
+        if not name or not url.startswith(("http://", "https://")):
+            parser.error(f"--target wants NAME=http(s)://HOST:PORT, got {spec!r}")
+    if len({spec.split("=", 1)[0] for spec in args.target}) < len(args.target):
+        parser.error("--target names must differ")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.concurrency is None and args.request_rate is None:
+        args.concurrency = [1, 16, 64]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        targets, results = asyncio.run(run(args))
+    except TargetError as exc:
+        print(f"bench/serve.py: {exc}", file=sys.stderr)
+        return 2
     print(table(results))
+    failed = sum(r.failed for r in results)
+    if failed:
+        print(f"\n{failed} request(s) failed; see the errors in --out", file=sys.stderr)
     if args.out:
+        header = {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "date": started.isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "targets": [{"name": t.name, "url": t.url, "model": t.model} for t in targets],
+            "args": {k: (["inf" if math.isinf(x) else x for x in v]
+                         if k == "request_rate" and v else v) for k, v in vars(args).items()},
+            "client": {"host": platform.node(), "cpus": os.cpu_count(),
+                       "python": platform.python_version(), "httpx": httpx.__version__},
+        }
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump({"header": header, "results": [asdict(r) for r in results]}, f,
+                      indent=1, allow_nan=False)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
