@@ -26,9 +26,10 @@ the number of content chunks. ``short_outputs`` counts completed requests with f
 ``--max-tokens`` output tokens (a server that ignored ``ignore_eos``).
 
 Output: each level's row on stderr as it is measured, the markdown table on stdout at the end,
-``--out`` JSON (a header with the command line, date and targets; one record per target and
-level with every field, null where a figure does not apply), ``--plot`` PNG (output tok/s and
-TTFT p50 against the load, one line per target and mode).
+``--out`` JSON (a header with the command line, date, targets and the client machine's load
+average before and after; one record per target and level with every field, null where a figure
+does not apply), ``--plot`` PNG (output tok/s and TTFT p50 against the load, one line per target
+and mode).
 A target that does not answer /v1/models stops the run before any request, with exit code 2.
 """
 
@@ -495,6 +496,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = os.getloadavg()  # other work on the machine moves every figure
     try:
         targets, results = asyncio.run(run(args))
     except TargetError as exc:
@@ -514,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: (["inf" if math.isinf(x) else x for x in v]
                          if k == "request_rate" and v else v) for k, v in vars(args).items()},
             "client": {"host": platform.node(), "cpus": os.cpu_count(),
-                       "python": platform.python_version(), "httpx": httpx.__version__},
+                       "python": platform.python_version(), "httpx": httpx.__version__,
+                       "loadavg_start": list(load_before), "loadavg_end": list(os.getloadavg())},
         }
         with open(args.out, "w") as f:
             json.dump({"header": header, "results": [asdict(r) for r in results]}, f,

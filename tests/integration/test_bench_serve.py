@@ -70,6 +70,7 @@ def test_concurrency_sweep_two_targets_both_modes(url, tmp_path):
     header = data["header"]
     assert "bench/serve.py" in header["command"] and "--plot" in header["command"]
     assert datetime.datetime.fromisoformat(header["date"]).tzinfo is not None
+    assert len(header["client"]["loadavg_start"]) == len(header["client"]["loadavg_end"]) == 3
     assert header["targets"] == [{"name": "ours", "url": url, "model": "shapes-llava"},
                                  {"name": "again", "url": url, "model": "shapes-llava"}]
     results = data["results"]
