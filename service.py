@@ -15,7 +15,7 @@ import bentoml
 from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
-from lmm import backpressure, faults, request_id
+from lmm import backpressure, faults, patches, request_id
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
@@ -45,6 +45,7 @@ from runners.vision import VisionEncoder
 logger = logging.getLogger(__name__)
 CONFIG = load_config()
 request_id.install_log_records()  # every worker (API and runners) imports this module
+patches.install()
 
 
 class GenerateRequest(GenerateInput):
