@@ -13,7 +13,8 @@ Reports, per route: answers by HTTP status, stream error events and streams that
 and the RSS of every worker of the three services (lmm-api, lmm-vision, lmm-llm: the processes of
 the `bentoml serve` tree with that ``--service-name``, each with its own child processes) after
 the warm-up and at the end, with the growth. ``--pid`` names the root of a running
-`bentoml serve`; ``--serve CONFIG`` starts one (on a free loopback port, with a BENTOML_HOME of
+`bentoml serve`; ``--serve CONFIG`` starts one (on a free loopback port, idle connections kept
+75 s as the pods keep them, with a BENTOML_HOME of
 its own that shares the store's models) and stops it at the end.
 """
 
@@ -39,6 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python bench/...`
 from models.shapes.data import make_samples  # noqa: E402
+from configs.k8s import KEEP_ALIVE_S  # noqa: E402  (as the pods and ./dev serve keep them)
 from tests.conftest import serve  # noqa: E402  (the test suite's server harness)
 
 SERVICES = ("lmm-api", "lmm-vision", "lmm-llm")
@@ -257,7 +259,8 @@ def main() -> int:
 
     server = None
     if args.serve:
-        extra = [a for kv in args.serve_arg for a in ("--arg", kv)]
+        extra = ["--timeout-keep-alive", str(KEEP_ALIVE_S),
+                 *(a for kv in args.serve_arg for a in ("--arg", kv))]
         store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
         server = serve(store, Path(tempfile.mkdtemp(prefix="soak-")), args.serve, extra)
         print(f"[soak] starting bentoml serve on {server.url} (log {server.log})",
