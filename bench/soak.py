@@ -14,8 +14,8 @@ and the RSS of every worker of the three services (lmm-api, lmm-vision, lmm-llm:
 the `bentoml serve` tree with that ``--service-name``, each with its own child processes) after
 the warm-up and at the end, with the growth. ``--pid`` names the root of a running
 `bentoml serve`; ``--serve CONFIG`` starts one (on a free loopback port, idle connections kept
-75 s as the pods keep them, with a BENTOML_HOME of
-its own that shares the store's models) and stops it at the end.
+75 s as the pods keep them, with a BENTOML_HOME of its own that shares the store's models) and
+stops it at the end.
 """
 
 from __future__ import annotations
