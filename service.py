@@ -74,6 +74,7 @@ def shaped_errors(handler):
     resources=CONFIG.resources(CONFIG.api),
     traffic={"timeout": CONFIG.api.timeout},  # max_concurrency: lmm.backpressure, below
     labels={"project": "bento-lmm"},
+    **CONFIG.tracing.service_config(),
 )
 @bentoml.asgi_app(openai_app, path="/v1")
 class LMMService:

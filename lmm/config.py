@@ -131,6 +131,34 @@ class AuthConfig(_Strict):
     protect_metrics: bool = Field(True, description="/metrics needs a key too (when keys exist).")
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces from all three services (BentoML's tracer), exported over OTLP/HTTP.
+
+    The runners' spans join the API's trace (BentoML's runner clients send the trace context), so
+    one request is one trace; without a client ``X-Request-ID`` its id is the trace id.
+    """
+
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces "
+        "(unset: no traces are recorded or sent).")
+    sample_rate: Annotated[float, Ge(0.0), Le(1.0)] = Field(
+        1.0, description="Share of requests traced (the runners follow the API's decision).")
+
+    @model_validator(mode="after")
+    def _needs_endpoint(self) -> "TracingConfig":
+        if self.otlp_endpoint is None and self.model_fields_set - {"otlp_endpoint"}:
+            raise ValueError("tracing.sample_rate has no effect without tracing.otlp_endpoint; "
+                             "set the collector's URL or leave tracing out")
+        return self
+
+    def service_config(self) -> dict:
+        """``@bentoml.service`` keyword arguments: BentoML's ``tracing`` section, or none."""
+        if self.otlp_endpoint is None:
+            return {}
+        return {"tracing": {"exporter_type": "otlp", "sample_rate": self.sample_rate,
+                            "otlp": {"protocol": "http", "endpoint": self.otlp_endpoint}}}
+
+
 class LMMConfig(_Strict):
     """The whole deployment: models, devices, limits and per-service scaling."""
 
@@ -148,6 +176,7 @@ class LMMConfig(_Strict):
     llm: LLMConfig = LLMConfig(gpus=1)
     images: ImageLimits = ImageLimits()
     auth: AuthConfig = AuthConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> "LMMConfig":

@@ -41,6 +41,7 @@ RUNNING = stats.llm_running()
     resources=CONFIG.resources(CONFIG.llm),
     traffic=CONFIG.traffic(CONFIG.llm),
     runner_connection=RUNNER_CONNECTION,
+    **CONFIG.tracing.service_config(),
 )
 class LLM:
     llava = bentoml.models.BentoModel(CONFIG.llm_model)

@@ -29,6 +29,7 @@ with bentoml.importing():
     resources=CONFIG.resources(CONFIG.vision),
     traffic=CONFIG.traffic(CONFIG.vision),
     runner_connection=RUNNER_CONNECTION,
+    **CONFIG.tracing.service_config(),
 )
 class VisionEncoder:
     llava = bentoml.models.BentoModel(CONFIG.llm_model)
