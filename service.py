@@ -15,13 +15,14 @@ import bentoml
 from annotated_types import Ge, Le
 from starlette.responses import StreamingResponse
 
-from lmm import backpressure, faults, patches, request_id
+from lmm import backpressure, faults, metrics, patches, request_id
 from lmm.adapters import ImageDecoder, ServedModel, image_refs, primed, sse_stream
 from lmm.auth import ApiKeyAuth, KeyStore
 from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
 from lmm.docs_page import DocsPage
 from lmm.errors import BadRequest, ErrorShape, json_error
+from lmm.metrics import RequestObserver
 from lmm.openai_api import app as openai_app
 from lmm.pipeline import Pipeline, collect, user_messages
 from lmm.protocol import (
@@ -45,7 +46,7 @@ from runners.vision import VisionEncoder
 logger = logging.getLogger(__name__)
 CONFIG = load_config()
 request_id.install_log_records()  # every worker (API and runners) imports this module
-patches.install()
+patches.install()  # BentoML's traffic timeout left each request's context alive for 300 s
 
 
 class GenerateRequest(GenerateInput):
@@ -86,10 +87,11 @@ class LMMService:
     def __init__(self) -> None:
         from transformers import AutoProcessor
 
+        self.metrics = metrics.api_metrics(CONFIG.llm.max_model_len)
         self.pipeline = Pipeline(
             CONFIG, AutoProcessor.from_pretrained(self.llava.path),
             AutoProcessor.from_pretrained(self.clip.path), self.vision.to_async,
-            self.llm.to_async,
+            self.llm.to_async, self.metrics,
         )
         self.images = ImageDecoder(CONFIG.images)
         self.chat_model = ServedModel.from_store(self.llava, CONFIG.served_model_name, "chat",
@@ -98,15 +100,22 @@ class LMMService:
                                                       "embedding", "transformers")
         self.image_tokens = self.pipeline.image_tokens()
         openai_app.state.serving = OpenAIServing(self.pipeline, self.chat_model,
-                                                 self.embedding_model, self.images)
+                                                 self.embedding_model, self.images, self.metrics)
 
-    async def _prepare(self, request: GenerateRequest, deadline: Deadline):
+    def _observe(self, route: str) -> RequestObserver:
+        """One request's metrics (lmm.metrics), from the moment its handler starts."""
+        return RequestObserver(self.metrics, route)
+
+    async def _prepare(self, request: GenerateRequest, deadline: Deadline,
+                       observer: RequestObserver):
         refs = image_refs(request.images, request.images_b64)
-        images = await self.images.decode(refs, CONFIG.images.max_images)
-        messages = user_messages(request.prompt, len(images), request.system_prompt)
-        prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
-        return deadline.bound(
-            self.pipeline.stream(prompt, request.sampling(), request.stop, request.n))
+        with observer.preprocessing():
+            images = await self.images.decode(refs, CONFIG.images.max_images)
+            messages = user_messages(request.prompt, len(images), request.system_prompt)
+            prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        observer.images(len(images))
+        return observer.stream(deadline.bound(self.pipeline.stream(
+            prompt, request.sampling(), request.stop, request.n, observer=observer)))
 
     @bentoml.on_startup
     async def _drain_on_sigterm(self) -> None:
@@ -118,29 +127,39 @@ class LMMService:
                                        for runner in (self.vision, self.llm)))
         return all(ready)
 
-    async def _embed(self, request: EmbedInput, refs):
-        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
-        return await self.pipeline.embed(request.texts, images)
+    async def _embed(self, request: EmbedInput, refs, observer: RequestObserver):
+        with observer.preprocessing():
+            images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+        observer.images(len(images))
+        return await self.pipeline.embed(request.texts, images, observer=observer)
 
-    async def _rank(self, query: str | None, texts: list[str], refs):
-        images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+    async def _rank(self, query: str | None, texts: list[str], refs, observer: RequestObserver):
+        with observer.preprocessing():
+            images = await self.images.decode(refs, CONFIG.images.max_embed_images)
+        observer.images(len(images))
         return await self.pipeline.rank(query if query is not None else images.pop(0), texts,
-                                        images)
+                                        images, observer=observer)
 
-    async def _complete(self, request: GenerateRequest, deadline: Deadline):
-        return await collect(await self._prepare(request, deadline), request.n)
+    async def _complete(self, request: GenerateRequest, deadline: Deadline,
+                        observer: RequestObserver):
+        return await collect(await self._prepare(request, deadline, observer), request.n)
 
-    async def _started(self, request: GenerateRequest, deadline: Deadline):
-        return await primed(await self._prepare(request, deadline))
+    async def _started(self, request: GenerateRequest, deadline: Deadline,
+                       observer: RequestObserver):
+        return await primed(await self._prepare(request, deadline, observer))
 
     # -- APIs ----------------------------------------------------------------------------
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     @shaped_errors
     async def generate(self, **params) -> GenerateResponse:
         """Generate text from a prompt and 0..N images (upload files or send base64)."""
+        observer = self._observe("generate")
+        return await observer.run(self._generate(params, observer))
+
+    async def _generate(self, params: dict, observer: RequestObserver) -> GenerateResponse:
         request = GenerateRequest(**params)
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
-        texts, reasons, usage = await deadline.run(self._complete(request, deadline))
+        texts, reasons, usage = await deadline.run(self._complete(request, deadline, observer))
         return GenerateResponse(
             model=CONFIG.served_model_name, text=texts[0], finish_reason=reasons[0], usage=usage,
             completions=[Completion(index=i, text=t, finish_reason=r)
@@ -152,10 +171,14 @@ class LMMService:
     async def generate_stream(self, **params) -> AsyncGenerator[str, None]:
         """Like /generate, as server-sent events: `{"index", "text"}` per text delta
         (`finish_reason` on each completion's last), then `{"usage"}` and `[DONE]`."""
+        observer = self._observe("generate_stream")
+        return await observer.run(self._generate_stream(params, observer))
+
+    async def _generate_stream(self, params: dict, observer: RequestObserver):
         request = GenerateRequest(**params)
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
         # What fails before the first token is an HTTP status; then an event.
-        run = await deadline.run(self._started(request, deadline))
+        run = await deadline.run(self._started(request, deadline, observer))
         return StreamingResponse(sse_stream(_native_events(run)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -163,11 +186,16 @@ class LMMService:
     @shaped_errors
     async def embed(self, **params) -> EmbedResponse:
         """Embed texts and/or images into one CLIP space (L2-normalized vectors)."""
+        observer = self._observe("embed")
+        return await observer.run(self._embed_route(params, observer))
+
+    async def _embed_route(self, params: dict, observer: RequestObserver) -> EmbedResponse:
         request = EmbedInput(**params)
         if not request.texts and not request.images and not request.images_b64:
             raise BadRequest("send at least one of texts, images or images_b64.", "texts")
         refs = image_refs(request.images, request.images_b64)
-        result = await Deadline.start(None, CONFIG.api.timeout).run(self._embed(request, refs))
+        result = await Deadline.start(None, CONFIG.api.timeout).run(
+            self._embed(request, refs, observer))
         dim = len((result.texts or result.images)[0])
         return EmbedResponse(model=self.embedding_model.name, dim=dim,
                              text_embeddings=result.texts, image_embeddings=result.images)
@@ -177,6 +205,10 @@ class LMMService:
     async def rank(self, **params) -> RankResponse:
         """Order candidate texts and/or images by CLIP similarity to one query (a text or an
         image), best first, with their cosine scores."""
+        observer = self._observe("rank")
+        return await observer.run(self._rank_route(params, observer))
+
+    async def _rank_route(self, params: dict, observer: RequestObserver) -> RankResponse:
         request = RankInput(**params)
         query_refs = image_refs(request.query_image, [request.query_image_b64] * bool(
             request.query_image_b64), "query_image", "query_image_b64")
@@ -186,7 +218,7 @@ class LMMService:
         refs = image_refs(request.candidate_images, request.candidate_images_b64,
                           "candidate_images", "candidate_images_b64")
         ranked = await Deadline.start(None, CONFIG.api.timeout).run(
-            self._rank(request.query, request.candidates, query_refs + refs))
+            self._rank(request.query, request.candidates, query_refs + refs, observer))
         return RankResponse(
             model=self.embedding_model.name, query="image" if query_refs else "text",
             results=[RankedCandidate(kind=r.kind, index=r.index, text=r.text, score=r.score)

@@ -121,6 +121,11 @@ class ImageLimits(_Strict):
         description="http(s) image URLs are fetched only from these domains (empty: never).",
     )
     fetch_timeout_s: Annotated[float, Ge(0.1)] = 10.0
+    feature_cache_bytes: Annotated[int, Ge(0)] = Field(
+        256 * 1024 * 1024,
+        description="API service: bytes of image features kept (LRU, per worker) so that a "
+        "repeated image skips the vision runner; 0 turns the cache off.",
+    )
 
 
 class AuthConfig(_Strict):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmm.transfer import to_wire
+
 
 class LlavaVisionEncoder:
     """Vision tower + projector of a LLaVA-family checkpoint: pixels -> LLM-space features."""
@@ -27,7 +29,8 @@ class LlavaVisionEncoder:
         self.torch = torch
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[N, 3, H, W] float pixels -> [N, image_tokens, hidden] float32 features."""
+        """[N, 3, H, W] float pixels -> [N, image_tokens, hidden] features in the tower's dtype,
+        as they travel (``lmm.transfer``: bfloat16 as its bits in uint16)."""
         torch = self.torch
         with torch.inference_mode():
             pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype)
@@ -39,7 +42,7 @@ class LlavaVisionEncoder:
             features = out.pooler_output if hasattr(out, "pooler_output") else out
             if isinstance(features, (list, tuple)):
                 features = torch.stack(list(features))
-            return features.float().cpu().numpy()
+            return to_wire(features)
 
 
 class ClipEmbedder:

@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Protocol
 import numpy as np
 
 from lmm.protocol import EngineOutput, SamplingParams
+from lmm.transfer import wire_dtype
 
 
 class Engine(Protocol):
@@ -55,6 +56,27 @@ class Engine(Protocol):
 
     def stats(self) -> dict[int, int]:
         """Histogram of decode batch sizes run so far."""
+
+
+class EngineObserver(Protocol):
+    """What an engine reports as it runs (``lmm.metrics.EngineMetrics`` on /metrics)."""
+
+    def queued(self, seconds: float) -> None:
+        """A sequence waited ``seconds`` before it was first scheduled."""
+
+    def state(self, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
+        """Sequences in the batch, sequences waiting for a slot, KV-cache use (0 to 1)."""
+
+
+class _Unobserved:
+    def queued(self, seconds: float) -> None:
+        pass
+
+    def state(self, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
+        pass
+
+
+UNOBSERVED: EngineObserver = _Unobserved()
 
 
 class EngineOverloaded(Exception):
@@ -177,6 +199,8 @@ def validate_request(prompt_ids: list[int], features: np.ndarray | None, params:
     n_image_tokens = sum(1 for t in prompt_ids if t == image_token_id)
     if features is not None and features.size and features.ndim != 3:
         raise ValueError(f"image features must be [images, tokens, hidden], got {features.shape}")
+    if features is not None and features.size:
+        wire_dtype(features)  # float32, float16 or bfloat16 bits (lmm.transfer)
     n_features = 0 if features is None or not features.size else features.shape[0] * features.shape[1]
     if n_image_tokens != n_features:
         raise ValueError(

@@ -16,6 +16,8 @@ from PIL import Image
 from lmm import faults
 from lmm.config import LMMConfig
 from lmm.errors import BadRequest, EngineFault, Overloaded
+from lmm.feature_cache import FeatureCache
+from lmm.metrics import NO_REQUEST, ApiMetrics, RequestObserver
 from lmm.postprocess import IncrementalDetokenizer, StopStrings
 from lmm.protocol import EngineOutput, FinishReason, SamplingParams, Usage
 
@@ -92,13 +94,17 @@ async def _lines(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[str]:
 
 class Pipeline:
     def __init__(self, config: LMMConfig, processor: Any, clip_processor: Any,
-                 vision: VisionClient, llm: LLMClient):
+                 vision: VisionClient, llm: LLMClient, metrics: ApiMetrics | None = None):
         self.config = config
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.clip_processor = clip_processor
         self.vision = vision
         self.llm = llm
+        size = config.images.feature_cache_bytes
+        self.cache = FeatureCache(
+            size, on_hits=metrics and metrics.cache_hits.inc,
+            on_misses=metrics and metrics.cache_misses.inc) if size else None
 
     # -- pre-processing ------------------------------------------------------------------
     def check_image_count(self, n: int, embed: bool = False) -> None:
@@ -140,13 +146,22 @@ class Pipeline:
             )
 
     # -- generation ----------------------------------------------------------------------
-    async def encode(self, prompt: Prompt) -> np.ndarray:
-        """[n_images, tokens, hidden] features, one block per image (empty without images)."""
+    async def encode(self, prompt: Prompt, observer: RequestObserver = NO_REQUEST) -> np.ndarray:
+        """[n_images, tokens, hidden] features, one block per image (empty without images), in
+        the dtype the vision runner sent them (``lmm.transfer``); images already in the feature
+        cache are not sent to the runner."""
         if prompt.pixel_values is None:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        features = await faults.call("vision", self.vision,
-                                     lambda: self.vision.encode(prompt.pixel_values))
-        return np.asarray(features, dtype=np.float32)
+
+        async def call(pixel_values: np.ndarray) -> np.ndarray:
+            features = await faults.call("vision", self.vision,
+                                         lambda: self.vision.encode(pixel_values))
+            return np.asarray(features)
+
+        with observer.encoding():
+            if self.cache is None:
+                return await call(prompt.pixel_values)
+            return await self.cache.features(prompt.pixel_values, call)
 
     async def _open(self, prompt: Prompt, features: np.ndarray, params: SamplingParams):
         """The runner's stream of JSON lines and its first line (tried once more, after the
@@ -167,7 +182,8 @@ class Pipeline:
         return await faults.call("LLM", self.llm, start)
 
     async def _one(self, index: int, prompt: Prompt, features: np.ndarray,
-                   params: SamplingParams, stop: Sequence[str]) -> AsyncIterator[Delta]:
+                   params: SamplingParams, stop: Sequence[str],
+                   observer: RequestObserver = NO_REQUEST) -> AsyncIterator[Delta]:
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
         stream, lines, line = await self._open(prompt, features, params)
@@ -176,12 +192,17 @@ class Pipeline:
                 out = EngineOutput.model_validate_json(line)
                 if out.error:
                     raise EngineFault(out.error)
+                if out.completion_tokens:
+                    observer.tokens(index)
                 text = stops.push(detok.push(out.token_ids))
                 if out.finish_reason is not None:
                     text += stops.push(detok.flush()) + stops.flush()
                 if stops.stopped:
+                    observer.sequence_finished(index, out.completion_tokens)
                     yield Delta(index, text, "stop", out.prompt_tokens, out.completion_tokens)
                     return  # closing the stream aborts the sequence in the runner
+                if out.finish_reason is not None:
+                    observer.sequence_finished(index, out.completion_tokens)
                 if text or out.finish_reason is not None:
                     yield Delta(index, text, out.finish_reason, out.prompt_tokens,
                                 out.completion_tokens)
@@ -197,21 +218,23 @@ class Pipeline:
         raise Overloaded("the LLM runner ended the stream early; retry the request.")
 
     async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
-                     n: int = 1) -> AsyncIterator[Delta | Usage]:
+                     n: int = 1, observer: RequestObserver = NO_REQUEST
+                     ) -> AsyncIterator[Delta | Usage]:
         """Deltas of ``n`` completions, interleaved as they are produced; the last item is the
         run's ``Usage``."""
         completion = [0] * n
-        async for delta in self._deltas(prompt, params, stop, n):
+        async for delta in self._deltas(prompt, params, stop, n, observer):
             completion[delta.index] = delta.completion_tokens
             yield delta
+        observer.usage(len(prompt.token_ids), sum(completion))
         yield usage(len(prompt.token_ids), sum(completion))
 
     async def _deltas(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str],
-                      n: int) -> AsyncIterator[Delta]:
+                      n: int, observer: RequestObserver) -> AsyncIterator[Delta]:
         self.check_budget(prompt, params)
-        features = await self.encode(prompt)
+        features = await self.encode(prompt, observer)
         if n == 1:
-            async for delta in self._one(0, prompt, features, params, stop):
+            async for delta in self._one(0, prompt, features, params, stop, observer):
                 yield delta
             return
         queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
@@ -220,7 +243,7 @@ class Pipeline:
             seed = None if params.seed is None else params.seed + i
             try:
                 own = params.model_copy(update={"seed": seed})
-                async for d in self._one(i, prompt, features, own, stop):
+                async for d in self._one(i, prompt, features, own, stop, observer):
                     await queue.put(d)
             except BaseException as exc:  # surfaced to the consumer below
                 await queue.put(exc)
@@ -247,32 +270,39 @@ class Pipeline:
         return await collect(self.stream(prompt, params, stop, n), n)
 
     # -- embeddings ----------------------------------------------------------------------
-    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]) -> Embeddings:
+    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image],
+                    observer: RequestObserver = NO_REQUEST) -> Embeddings:
         """L2-normalized CLIP vectors of texts and images, in input order."""
         self.check_image_count(len(images), embed=True)
         result = Embeddings()
         if texts:
-            tok = self.clip_processor.tokenizer
-            limit = getattr(tok, "model_max_length", 77)
-            ids = tok(list(texts), truncation=True, max_length=min(limit, 10_000))["input_ids"]
-            rows = [list(map(int, row)) for row in ids]
+            with observer.preprocessing():
+                tok = self.clip_processor.tokenizer
+                limit = getattr(tok, "model_max_length", 77)
+                ids = tok(list(texts), truncation=True,
+                          max_length=min(limit, 10_000))["input_ids"]
+                rows = [list(map(int, row)) for row in ids]
             result.prompt_tokens = sum(map(len, rows))
-            result.texts = await self._in_batches(self.vision.embed_texts, rows)
+            with observer.encoding():
+                result.texts = await self._in_batches(self.vision.embed_texts, rows)
         if images:
-            pixels = self.clip_processor.image_processor(list(images), return_tensors="np")
-            result.images = await self._in_batches(
-                self.vision.embed_images, np.asarray(pixels["pixel_values"], np.float32)
-            )
+            with observer.preprocessing():
+                pixels = await asyncio.to_thread(
+                    self.clip_processor.image_processor, list(images), return_tensors="np")
+            with observer.encoding():
+                result.images = await self._in_batches(
+                    self.vision.embed_images, np.asarray(pixels["pixel_values"], np.float32))
         return result
 
     async def rank(self, query: str | Image.Image, texts: Sequence[str],
-                   images: Sequence[Image.Image]) -> list[Ranked]:
+                   images: Sequence[Image.Image],
+                   observer: RequestObserver = NO_REQUEST) -> list[Ranked]:
         """Candidates (texts, then images) by cosine similarity to the query, best first."""
         if not texts and not images:
             raise BadRequest("send at least one candidate text or image.", "candidates")
         text_query = isinstance(query, str)
         vectors = await self.embed([query, *texts] if text_query else texts,
-                                   images if text_query else [query, *images])
+                                   images if text_query else [query, *images], observer)
         q = np.asarray((vectors.texts if text_query else vectors.images).pop(0))
         ranked = [Ranked("text", i, float(np.dot(q, v)), text)
                   for i, (text, v) in enumerate(zip(texts, vectors.texts))]

@@ -21,6 +21,7 @@ from lmm import openai_protocol as oai
 from lmm.adapters import ImageDecoder, ImageRef, ServedModel, primed, sse_stream
 from lmm.deadlines import Deadline
 from lmm.errors import BadRequest, ModelNotFound, Unsupported
+from lmm.metrics import ApiMetrics, RequestObserver
 from lmm.pipeline import Delta, Pipeline, collect, user_messages
 from lmm.protocol import Usage
 
@@ -58,12 +59,14 @@ class OpenAIServing:
     """Chat, text completions, embeddings and models over one ``Pipeline``."""
 
     def __init__(self, pipeline: Pipeline, chat_model: ServedModel,
-                 embedding_model: ServedModel, images: ImageDecoder | None = None):
+                 embedding_model: ServedModel, images: ImageDecoder | None = None,
+                 metrics: ApiMetrics | None = None):
         self.pipeline = pipeline
         self.config = pipeline.config
         self.chat_model = chat_model
         self.embedding_model = embedding_model
         self.images = images or ImageDecoder(self.config.images)
+        self.metrics = metrics
 
     # -- models ------------------------------------------------------------------------
     def models(self) -> oai.ModelList:
@@ -82,21 +85,31 @@ class OpenAIServing:
     # -- completions -------------------------------------------------------------------
     async def chat(self, request: oai.ChatCompletionRequest
                    ) -> oai.ChatCompletion | AsyncIterator[str]:
-        return await self._within_deadline(request, self._chat)
+        return await self._within_deadline(request, self._chat, "chat")
 
-    async def _within_deadline(self, request: oai.SamplingRequest, body):
-        """``body(request, deadline)`` bounded by the request's deadline (504 past it)."""
-        deadline = Deadline.start(request.timeout, self.config.api.timeout)
-        return await deadline.run(body(request, deadline))
+    async def _within_deadline(self, request: oai.SamplingRequest, body, route: str):
+        """``body(request, deadline, observer)`` bounded by the request's deadline (504 past
+        it), observed as one request of ``route`` (lmm.metrics)."""
+        observer = RequestObserver(self.metrics, route)
 
-    async def _chat(self, request: oai.ChatCompletionRequest, deadline: Deadline):
+        async def bounded():
+            deadline = Deadline.start(request.timeout, self.config.api.timeout)
+            return await deadline.run(body(request, deadline, observer))
+
+        return await observer.run(bounded())
+
+    async def _chat(self, request: oai.ChatCompletionRequest, deadline: Deadline,
+                    observer: RequestObserver):
         self.model(request.model)
         params, stop, n = request.sampling(self.config)
         messages, refs = to_hf_messages(request.messages)
-        images = await self.images.decode(refs, self.config.images.max_images)
-        prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        with observer.preprocessing():
+            images = await self.images.decode(refs, self.config.images.max_images)
+            prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
+        observer.images(len(images))
         head = self._head("chatcmpl", request)
-        run = deadline.bound(self.pipeline.stream(prompt, params, stop, n))
+        run = observer.stream(deadline.bound(
+            self.pipeline.stream(prompt, params, stop, n, observer=observer)))
         if request.stream:
             return sse_stream(_chat_chunks(await primed(run), head, n, request.include_usage))
         texts, reasons, used = await collect(run, n)
@@ -106,15 +119,19 @@ class OpenAIServing:
 
     async def completion(self, request: oai.CompletionRequest
                          ) -> oai.TextCompletion | AsyncIterator[str]:
-        return await self._within_deadline(request, self._completion)
+        return await self._within_deadline(request, self._completion, "completions")
 
-    async def _completion(self, request: oai.CompletionRequest, deadline: Deadline):
+    async def _completion(self, request: oai.CompletionRequest, deadline: Deadline,
+                          observer: RequestObserver):
         self.model(request.model)
         params, stop, n = request.sampling(self.config)
-        prompt = await asyncio.to_thread(
-            self.pipeline.build_prompt, user_messages(request.single_prompt(), 0), [])
+        with observer.preprocessing():
+            prompt = await asyncio.to_thread(
+                self.pipeline.build_prompt, user_messages(request.single_prompt(), 0), [])
+        observer.images(0)
         head = self._head("cmpl", request)
-        run = deadline.bound(self.pipeline.stream(prompt, params, stop, n))
+        run = observer.stream(deadline.bound(
+            self.pipeline.stream(prompt, params, stop, n, observer=observer)))
         if request.stream:
             return sse_stream(_text_chunks(await primed(run), head, request.include_usage))
         texts, reasons, used = await collect(run, n)
@@ -129,9 +146,12 @@ class OpenAIServing:
 
     # -- embeddings --------------------------------------------------------------------
     async def embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
-        return await Deadline.start(None, self.config.api.timeout).run(self._embeddings(request))
+        observer = RequestObserver(self.metrics, "embeddings")
+        return await observer.run(Deadline.start(None, self.config.api.timeout).run(
+            self._embeddings(request, observer)))
 
-    async def _embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
+    async def _embeddings(self, request: oai.EmbeddingRequest,
+                          observer: RequestObserver) -> oai.EmbeddingResponse:
         self.model(request.model, embedding=True)  # the chat model's name embeds with CLIP too
         items = [request.input] if isinstance(request.input, str) else request.input
         if not items:
@@ -145,9 +165,11 @@ class OpenAIServing:
                 refs.append((i, ImageRef(item, f"input.{i}")))
             else:
                 texts.append((i, item))
-        images = await self.images.decode([r for _, r in refs],
-                                          self.config.images.max_embed_images)
-        result = await self.pipeline.embed([t for _, t in texts], images)
+        with observer.preprocessing():
+            images = await self.images.decode([r for _, r in refs],
+                                              self.config.images.max_embed_images)
+        observer.images(len(images))
+        result = await self.pipeline.embed([t for _, t in texts], images, observer=observer)
         vectors = dict(zip([i for i, _ in texts], result.texts))
         vectors.update(zip([i for i, _ in refs], result.images))
         dim = len(next(iter(vectors.values())))

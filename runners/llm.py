@@ -17,7 +17,7 @@ from typing import AsyncGenerator
 import bentoml
 import numpy as np
 
-from lmm import stats
+from lmm import metrics, stats
 from lmm.config import RUNNER_CONNECTION, load_config
 from lmm.engine import EngineOverloaded
 from lmm.errors import BadRequest, TooManyRequests
@@ -33,6 +33,9 @@ RESTART_AFTER_S = 3.0
 # /metrics sum them over every worker. One bucket per size up to the engine's cap.
 BATCH_SIZE = stats.llm_batch_size(CONFIG.llm.max_num_seqs)
 RUNNING = stats.llm_running()
+# Queue time, running and waiting sequences, KV-cache use, as the engine reports them (on vLLM
+# its own figures; vLLM's own vllm:* metrics are written to the same folder by vLLM itself).
+ENGINE_METRICS = metrics.EngineMetrics()
 
 
 @bentoml.service(
@@ -49,7 +52,8 @@ class LLM:
     def __init__(self) -> None:
         from runners.engines import make_engine
 
-        self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe)
+        self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe,
+                                  metrics=ENGINE_METRICS)
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
@@ -81,7 +85,8 @@ class LLM:
         params: SamplingParams,
     ) -> AsyncGenerator[str, None]:
         """Stream one sequence as JSON lines of EngineOutput; features are [images, tokens,
-        hidden] (an empty array for none)."""
+        hidden] (an empty array for none) in float32, float16, or bfloat16 bits as uint16
+        (lmm.transfer), converted to the engine's dtype here."""
         features = image_features if image_features.size else None
         stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
         RUNNING.inc()

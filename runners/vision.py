@@ -49,7 +49,8 @@ class VisionEncoder:
     @bentoml.api(batchable=True, max_batch_size=_CAPS.max_batch_size,
                  max_latency_ms=_CAPS.max_latency_ms)
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Pixel values [N, 3, H, W] -> projected image features [N, tokens, hidden]."""
+        """Pixel values [N, 3, H, W] -> projected image features [N, tokens, hidden], in the
+        model's dtype (bfloat16 as its bits in uint16: lmm.transfer)."""
         self._record("encode", len(pixel_values))
         return self.encoder(pixel_values)
 

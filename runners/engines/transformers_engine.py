@@ -18,14 +18,24 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import numpy as np
 
 from lmm.device import resolve_device_dtype
-from lmm.engine import Admission, BatchSizes, StepFaults, fault_message, validate_request
+from lmm.engine import (
+    UNOBSERVED,
+    Admission,
+    BatchSizes,
+    EngineObserver,
+    StepFaults,
+    fault_message,
+    validate_request,
+)
 from lmm.protocol import EngineOutput, SamplingParams
+from lmm.transfer import from_wire
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     generator: object = None  # torch.Generator when seeded
+    queued_at: float = 0.0  # time.perf_counter() when it entered the inbox
     output_ids: list[int] = field(default_factory=list)
     length: int = 0  # tokens in the KV cache that belong to this sequence
     aborted: bool = False
@@ -71,6 +82,7 @@ class TransformersEngine:
         torch_threads: int = 0,
         on_batch: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
+        metrics: EngineObserver | None = None,
     ):
         self.model_path = model_path
         self.device_name, self.dtype_name = device, dtype
@@ -85,6 +97,7 @@ class TransformersEngine:
         self._admission = Admission(max_num_seqs, max_waiting)
         self._faults = StepFaults()
         self._dead: str | None = None  # why the loop stopped serving, once it has
+        self.metrics = metrics or UNOBSERVED
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
@@ -151,7 +164,7 @@ class TransformersEngine:
         features = None
         if image_features is not None and image_features.size:  # [images, tokens, hidden]
             flat = image_features.reshape(-1, image_features.shape[-1])
-            features = torch.as_tensor(np.ascontiguousarray(flat))
+            features = from_wire(flat, dtype=self.dtype)  # the sent dtype -> the model's
         seq = _Sequence(
             request_id, list(prompt_token_ids), features, params,
             asyncio.get_running_loop(), asyncio.Queue(),
@@ -160,6 +173,7 @@ class TransformersEngine:
             seq.generator = torch.Generator().manual_seed(params.seed)
         self._admission.enter()  # EngineOverloaded when max_waiting already wait
         try:
+            seq.queued_at = time.perf_counter()
             self._inbox.put(seq)
             if self._dead is not None:  # the loop has stopped: nothing would run it
                 self._drain_inbox(self._dead)
@@ -183,6 +197,7 @@ class TransformersEngine:
             try:
                 new = self._admit(block=not running, room=self.max_num_seqs - len(running))
                 if not new and not running:
+                    self.metrics.state(0, self._inbox.qsize(), 0.0)
                     continue
                 with torch.inference_mode():
                     self._faults.check()  # test only: an injected fault, as if the forward raised
@@ -205,6 +220,7 @@ class TransformersEngine:
                     running = [running[i] for i in keep]
                     cache, mask = self._select(cache, mask, keep)
                 self._running = len(running)
+                self._report(running, mask)
                 self._faults.succeeded()
             except Exception as exc:  # a failed step fails its own sequences only
                 step = running + [s for s in new if s not in running]
@@ -213,6 +229,7 @@ class TransformersEngine:
                     seq.fail(fault_message(exc))
                 running, cache, mask = [], None, None
                 self._running = 0
+                self._report(running, mask)
                 if self._faults.failed():
                     self._dead = (
                         f"EngineUnhealthy: {self._faults.consecutive} engine steps failed in a "
@@ -226,6 +243,14 @@ class TransformersEngine:
             seq.fail(reason)
         self._running = 0
         self._drain_inbox(reason)
+        self.metrics.state(0, 0, 0.0)
+
+    def _report(self, running: list[_Sequence], mask) -> None:
+        """Sequences in the batch and waiting in the inbox, and the KV cache the batch holds:
+        its rows x positions (padding included: it is allocated) over the most it may hold."""
+        held = 0 if mask is None else mask.numel()
+        self.metrics.state(len(running), self._inbox.qsize(),
+                           held / (self.max_num_seqs * self.max_model_len))
 
     def _drain_inbox(self, reason: str) -> None:
         while True:
@@ -242,6 +267,7 @@ class TransformersEngine:
             except queue.Empty:
                 break
             if not seq.aborted:
+                self.metrics.queued(time.perf_counter() - seq.queued_at)
                 new.append(seq)
         return new
 

@@ -19,14 +19,24 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from lmm.engine import Admission, BatchSizes, fault_message, validate_request
+from lmm.engine import (
+    UNOBSERVED,
+    Admission,
+    BatchSizes,
+    EngineObserver,
+    fault_message,
+    validate_request,
+)
 from lmm.protocol import EngineOutput, SamplingParams
+from lmm.transfer import from_wire
 
 logger = logging.getLogger(__name__)
+
 
 class VLLMEngine:
     def __init__(
@@ -45,6 +55,7 @@ class VLLMEngine:
         on_batch: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
         fault_hooks: bool = False,
+        metrics: EngineObserver | None = None,
     ):
         self.model_path = model_path
         self.device = device
@@ -60,6 +71,7 @@ class VLLMEngine:
         self.batch_sizes = BatchSizes(on_batch)
         self._admission = Admission(max_num_seqs, max_waiting)
         self.fault_hooks = fault_hooks  # test only: what fault_next_step needs in vLLM's worker
+        self.metrics = metrics or UNOBSERVED
         self.engine = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -119,7 +131,8 @@ class VLLMEngine:
         self.engine = AsyncLLM.from_engine_args(
             self.engine_args(), stat_loggers=[self._stat_logger()]
         )
-        logger.info("vLLM engine ready: %s", self.model_path)
+        self.torch_dtype = self.engine.model_config.dtype  # what "auto" resolved to
+        logger.info("vLLM engine ready: %s (%s)", self.model_path, self.torch_dtype)
 
     async def shutdown(self) -> None:
         if self.engine is not None:
@@ -176,7 +189,6 @@ class VLLMEngine:
         image_features: np.ndarray | None,
         params: SamplingParams,
     ) -> AsyncIterator[EngineOutput]:
-        import torch
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineGenerateError
 
@@ -192,14 +204,15 @@ class VLLMEngine:
             prompt = {
                 "prompt_token_ids": collapse_image_tokens(
                     prompt_token_ids, self.image_token_id, image_features.shape[1]),
-                "multi_modal_data": {
-                    "image": torch.from_numpy(np.ascontiguousarray(image_features))},
+                "multi_modal_data": {"image": from_wire(image_features, self.torch_dtype)},
             }
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         sampling = self.sampling_params(params)
         self._admission.enter()  # EngineOverloaded when max_waiting already wait
+        added = time.monotonic()
         stream = self.engine.generate(prompt, sampling, request_id)
         completion = 0
+        first = True
 
         def failed(error: str) -> EngineOutput:
             return EngineOutput(error=error, finish_reason="abort",
@@ -207,6 +220,9 @@ class VLLMEngine:
 
         try:
             async for out in stream:
+                if first:
+                    self.metrics.queued(queue_time(out, added))
+                    first = False
                 piece = out.outputs[0]
                 tokens = list(piece.token_ids)
                 completion += len(tokens)
@@ -231,12 +247,16 @@ class VLLMEngine:
                 await stream.aclose()  # aborts the request in vLLM if it is still running
             finally:
                 self._admission.leave()
+                if not self._admission.in_flight:  # vLLM reports state only with outputs
+                    self.metrics.state(0, 0)
 
     def _stat_logger(self):
-        """A vLLM stat logger that sees each engine step's running batch."""
+        """A vLLM stat logger that sees each engine step's running batch, and passes vLLM's
+        own running and waiting counts and KV-cache use on to our gauges."""
         from vllm.v1.metrics.loggers import StatLoggerBase
 
         record = self.batch_sizes.record
+        metrics = self.metrics
 
         class BatchSizes(StatLoggerBase):
             def __init__(self, vllm_config, engine_index: int = 0):
@@ -244,13 +264,28 @@ class VLLMEngine:
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
                        engine_idx: int = 0):
-                if scheduler_stats is not None and scheduler_stats.num_running_reqs:
+                if scheduler_stats is None:
+                    return
+                if scheduler_stats.num_running_reqs:
                     record(scheduler_stats.num_running_reqs)
+                metrics.state(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                              scheduler_stats.kv_cache_usage)
 
             def log_engine_initialized(self):
                 pass
 
         return BatchSizes
+
+
+def queue_time(out, added: float) -> float:
+    """How long the request waited for its first schedule, as vLLM measured it (its engine
+    core's QUEUED and SCHEDULED events); where a vLLM gives no such figure, the time from
+    ``generate`` to this first output (an upper bound: it includes the prefill)."""
+    stats = getattr(out, "metrics", None)
+    queued, scheduled = (getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0))
+    if queued and scheduled:
+        return scheduled - queued
+    return time.monotonic() - added
 
 
 def request_error(out, finish: str) -> str:

@@ -46,7 +46,7 @@ class FakePipeline(Pipeline):
         return Prompt(token_ids=[1] * (3 + 10 * len(images)), pixel_values=None)
 
     async def stream(self, prompt: Prompt, params: SamplingParams, stop: Sequence[str] = (),
-                     n: int = 1) -> AsyncIterator[Delta | Usage]:
+                     n: int = 1, observer=None) -> AsyncIterator[Delta | Usage]:
         self.check_budget(prompt, params)
         self.calls.append((params, list(stop), n))
         if self.fail == "before":
@@ -62,7 +62,8 @@ class FakePipeline(Pipeline):
                 yield Delta(i, word, reason, len(prompt.token_ids), k + 1)
         yield usage(len(prompt.token_ids), n * len(words))
 
-    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image]) -> Embeddings:
+    async def embed(self, texts: Sequence[str], images: Sequence[Image.Image],
+                    observer=None) -> Embeddings:
         self.check_image_count(len(images), embed=True)
         tokens = sum(len(t.split()) for t in texts)
         return Embeddings([[1.0, 0.0, 0.0]] * len(texts), [[0.0, 1.0, 0.0]] * len(images), tokens)

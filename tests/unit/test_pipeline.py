@@ -70,7 +70,8 @@ def run(pipeline, prompt, params=SamplingParams(), stop=(), n=1):
 
 def test_prompt_has_the_image_tokens_and_pixels(processor):
     pipe, llm, vision = make(processor, "a red circle")
-    images = [Image.new("RGB", (48, 48)), Image.new("RGB", (32, 32))]
+    # two different images (identical pixels would be encoded once: the feature cache)
+    images = [Image.new("RGB", (48, 48), (200, 30, 30)), Image.new("RGB", (32, 32))]
     prompt = pipe.build_prompt(user_messages("Describe the image.", 2), images)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert prompt.token_ids.count(image_id) == 128
