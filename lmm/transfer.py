@@ -47,8 +47,10 @@ def wire_dtype(array: np.ndarray) -> str:
 
 
 def from_wire(array: np.ndarray, dtype=None, device=None):
-    """The tensor ``array`` carries, converted to ``dtype`` (a torch dtype; None keeps the sent
-    one) on ``device``. A bfloat16 array sent to a bfloat16 engine comes back bit for bit."""
+    """The tensor ``array`` carries, moved to ``device`` and then converted to ``dtype`` (a torch
+    dtype; None keeps the sent one), so that a conversion runs on the GPU, not the CPU. Features
+    sent in the engine's own dtype are not converted at all: a bfloat16 array sent to a bfloat16
+    engine comes back bit for bit."""
     import torch
 
     sent = wire_dtype(array)
@@ -59,6 +61,6 @@ def from_wire(array: np.ndarray, dtype=None, device=None):
         tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     else:
         tensor = torch.from_numpy(array)
-    if dtype is None and device is None:
-        return tensor
-    return tensor.to(device=device, dtype=dtype)
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor if dtype is None else tensor.to(dtype)

@@ -164,7 +164,8 @@ class TransformersEngine:
         features = None
         if image_features is not None and image_features.size:  # [images, tokens, hidden]
             flat = image_features.reshape(-1, image_features.shape[-1])
-            features = from_wire(flat, dtype=self.dtype)  # the sent dtype -> the model's
+            # to the model's device, then its dtype (a no-op when sent in it: lmm.transfer)
+            features = from_wire(flat, dtype=self.dtype, device=self.device)
         seq = _Sequence(
             request_id, list(prompt_token_ids), features, params,
             asyncio.get_running_loop(), asyncio.Queue(),
