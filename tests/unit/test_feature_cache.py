@@ -174,3 +174,11 @@ def test_the_pipeline_gets_the_same_features_with_and_without_the_cache(processo
         results.append(asyncio.run(pipe.encode(prompt)))
         assert np.array_equal(results[-1], asyncio.run(Encoder()(prompt.pixel_values)))
     assert vision.encoded == (6 if cache_bytes == 0 else 2)
+
+
+def test_the_config_refuses_a_negative_size():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="feature_cache_bytes"):
+        LMMConfig(images={"feature_cache_bytes": -1})
+    assert LMMConfig().images.feature_cache_bytes == 256 * 1024 * 1024
