@@ -79,17 +79,19 @@ def user_messages(prompt: str, n_images: int, system_prompt: str | None = None) 
     return messages
 
 
-async def _lines(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[str]:
-    """Re-frame a byte stream into the JSON lines the LLM runner wrote."""
+async def _batches(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[list[str]]:
+    """Re-frame a byte stream into the JSON lines the LLM runner wrote, each read's complete
+    lines together. A read takes everything that has arrived, so when the API lags behind the
+    engine the tokens that queued up meanwhile are handled, and sent on, as one piece."""
     buffer = ""
     async for chunk in chunks:
         buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
         *lines, buffer = buffer.split("\n")
-        for line in lines:
-            if line.strip():
-                yield line
+        lines = [line for line in lines if line.strip()]
+        if lines:
+            yield lines
     if buffer.strip():
-        yield buffer
+        yield [buffer]
 
 
 class Pipeline:
@@ -164,18 +166,18 @@ class Pipeline:
             return await self.cache.features(prompt.pixel_values, call)
 
     async def _open(self, prompt: Prompt, features: np.ndarray, params: SamplingParams):
-        """The runner's stream of JSON lines and its first line (tried once more, after the
-        runner is back, if it was unavailable: nothing has been sent to the client yet)."""
+        """The runner's stream of JSON-line batches and its first batch (tried once more, after
+        the runner is back, if it was unavailable: nothing has been sent to the client yet)."""
         async def start():
             stream = faults.RunnerStream(self.llm.generate(
                 prompt_token_ids=prompt.token_ids, image_features=features, params=params))
-            lines = _lines(stream.stream)
+            batches = _batches(stream.stream)
             try:
-                first = await anext(lines, None)
+                first = await anext(batches, None)
                 stream.started()
-                return stream, lines, first
+                return stream, batches, first
             except BaseException:
-                await lines.aclose()
+                await batches.aclose()
                 await stream.aclose()
                 raise
 
@@ -184,19 +186,27 @@ class Pipeline:
     async def _one(self, index: int, prompt: Prompt, features: np.ndarray,
                    params: SamplingParams, stop: Sequence[str],
                    observer: RequestObserver = NO_REQUEST) -> AsyncIterator[Delta]:
+        """One sequence's deltas: one per batch of runner lines (see ``_batches``)."""
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop)
-        stream, lines, line = await self._open(prompt, features, params)
+        stream, batches, batch = await self._open(prompt, features, params)
         try:
-            while line is not None:
-                out = EngineOutput.model_validate_json(line)
-                if out.error:
-                    raise EngineFault(out.error)
-                if out.completion_tokens:
-                    observer.tokens(index)
-                text = stops.push(detok.push(out.token_ids))
-                if out.finish_reason is not None:
-                    text += stops.push(detok.flush()) + stops.flush()
+            while batch is not None:
+                text, out = "", None
+                for line in batch:
+                    out = EngineOutput.model_validate_json(line)
+                    if out.error:
+                        if text:  # what came before the fault in this batch is still sent
+                            yield Delta(index, text, None, out.prompt_tokens,
+                                        out.completion_tokens)
+                        raise EngineFault(out.error)
+                    if out.completion_tokens:
+                        observer.tokens(index)
+                    text += stops.push(detok.push(out.token_ids))
+                    if out.finish_reason is not None:
+                        text += stops.push(detok.flush()) + stops.flush()
+                    if stops.stopped or out.finish_reason is not None:
+                        break
                 if stops.stopped:
                     observer.sequence_finished(index, out.completion_tokens)
                     yield Delta(index, text, "stop", out.prompt_tokens, out.completion_tokens)
@@ -209,11 +219,11 @@ class Pipeline:
                 if out.finish_reason is not None:
                     return
                 try:
-                    line = await anext(lines, None)
+                    batch = await anext(batches, None)
                 except Exception as exc:  # tokens were sent: never replayed
                     raise faults.from_runner(exc, "LLM") from None
         finally:
-            await lines.aclose()
+            await batches.aclose()
             await stream.aclose()  # aborts the sequence in the runner
         raise Overloaded("the LLM runner ended the stream early; retry the request.")
 

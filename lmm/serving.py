@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from lmm import openai_protocol as oai
-from lmm.adapters import ImageDecoder, ImageRef, ServedModel, primed, sse_stream
+from lmm.adapters import ChunkTemplate, ImageDecoder, ImageRef, ServedModel, primed, sse_stream
 from lmm.deadlines import Deadline
 from lmm.errors import BadRequest, ModelNotFound, Unsupported
 from lmm.metrics import ApiMetrics, RequestObserver
@@ -183,11 +183,12 @@ class OpenAIServing:
 
 
 async def _chat_chunks(run: AsyncIterator[Delta | Usage], head: dict, n: int,
-                       include_usage: bool) -> AsyncIterator[oai.ChatCompletionChunk]:
+                       include_usage: bool) -> AsyncIterator[oai.ChatCompletionChunk | str]:
     def chunk(index: int, delta: dict[str, str], reason: str | None = None):
         choice = oai.ChunkChoice(index=index, delta=delta, finish_reason=reason)
         return oai.ChatCompletionChunk(**head, choices=[choice])
 
+    content: dict[int, ChunkTemplate] = {}  # per choice: the chunk of a content delta
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for d in run:
@@ -196,20 +197,31 @@ async def _chat_chunks(run: AsyncIterator[Delta | Usage], head: dict, n: int,
                 yield oai.ChatCompletionChunk(**head, choices=[], usage=d)
             continue
         if d.text:
-            yield chunk(d.index, {"content": d.text})
+            if d.index not in content:
+                content[d.index] = ChunkTemplate(chunk(d.index, {"content": ChunkTemplate.SLOT}))
+            yield content[d.index](d.text)
         if d.finish_reason:
             yield chunk(d.index, {}, d.finish_reason)
 
 
 async def _text_chunks(run: AsyncIterator[Delta | Usage], head: dict,
-                       include_usage: bool) -> AsyncIterator[oai.TextCompletion]:
+                       include_usage: bool) -> AsyncIterator[oai.TextCompletion | str]:
+    def chunk(index: int, text: str, reason: str | None = None):
+        choice = oai.CompletionChoice(index=index, text=text, finish_reason=reason)
+        return oai.TextCompletion(**head, choices=[choice])
+
+    content: dict[int, ChunkTemplate] = {}  # per choice: the chunk of an unfinished delta
     async for d in run:
         if isinstance(d, Usage):
             if include_usage:
                 yield oai.TextCompletion(**head, choices=[], usage=d)
             continue
-        choice = oai.CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
-        yield oai.TextCompletion(**head, choices=[choice])
+        if d.finish_reason:
+            yield chunk(d.index, d.text, d.finish_reason)
+            continue
+        if d.index not in content:
+            content[d.index] = ChunkTemplate(chunk(d.index, ChunkTemplate.SLOT))
+        yield content[d.index](d.text)
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

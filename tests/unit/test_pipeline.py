@@ -10,7 +10,7 @@ from PIL import Image
 
 from lmm.config import LMMConfig
 from lmm.errors import BadRequest, Overloaded
-from lmm.pipeline import Pipeline, user_messages
+from lmm.pipeline import Delta, Pipeline, user_messages
 from lmm.protocol import EngineOutput, SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -28,8 +28,8 @@ class FakeVision:
 class FakeLLM:
     """Streams fixed token ids as JSON lines, split at awkward byte boundaries."""
 
-    def __init__(self, token_ids: list[int], finish: str | None = "stop"):
-        self.token_ids, self.finish = token_ids, finish
+    def __init__(self, token_ids: list[int], finish: str | None = "stop", read: int = 7):
+        self.token_ids, self.finish, self.read = token_ids, finish, read
         self.calls: list[dict] = []
         self.closed = 0
 
@@ -43,9 +43,9 @@ class FakeLLM:
                                  finish_reason=self.finish if last else None).model_dump_json()
             text += "\n"
         try:
-            for start in range(0, len(text), 7):  # chunks never align with lines
+            for start in range(0, len(text), self.read):  # reads never align with lines
                 await asyncio.sleep(0)
-                yield text[start:start + 7]
+                yield text[start:start + self.read]
         finally:
             self.closed += 1
 
@@ -57,9 +57,9 @@ def processor(llava_dir):
     return AutoProcessor.from_pretrained(llava_dir)
 
 
-def make(processor, words: str, finish="stop", **config):
+def make(processor, words: str, finish="stop", read=7, **config):
     ids = processor.tokenizer.encode(words, add_special_tokens=False)
-    llm = FakeLLM(ids, finish)
+    llm = FakeLLM(ids, finish, read)
     vision = FakeVision(64)
     return Pipeline(LMMConfig(**config), processor, None, vision, llm), llm, vision
 
@@ -89,6 +89,35 @@ def test_stop_string_cuts_the_text_and_aborts_the_runner_stream(processor):
     prompt = pipe.build_prompt(user_messages("x", 0), [])
     texts, reasons, _ = run(pipe, prompt, stop=["on the"])
     assert texts == ["a red circle "] and reasons == ["stop"]
+    assert llm.closed == 1
+
+
+def deltas(pipe, prompt, stop=()):
+    async def go():
+        return [d async for d in pipe.stream(prompt, SamplingParams(), stop)
+                if isinstance(d, Delta)]
+    return asyncio.run(go())
+
+
+def test_lines_that_arrive_in_one_read_are_sent_on_as_one_delta(processor):
+    """An API that lags behind the engine finds several tokens' lines in one read: they become
+    one delta (one event for the client), with the same text as token by token."""
+    words = "a red circle on the left"
+    n_tokens = len(processor.tokenizer.encode(words, add_special_tokens=False))
+    pipe, _, _ = make(processor, words, read=1 << 20)  # everything in one read
+    prompt = pipe.build_prompt(user_messages("x", 0), [])
+    (only,) = deltas(pipe, prompt)
+    assert (only.text, only.finish_reason, only.completion_tokens) == (words, "stop", n_tokens)
+    trickle, _, _ = make(processor, words, read=7)
+    pieces = deltas(trickle, prompt)
+    assert len(pieces) > 1 and "".join(d.text for d in pieces) == words
+
+
+def test_a_stop_string_inside_one_read_cuts_there(processor):
+    pipe, llm, _ = make(processor, "a red circle on the left", finish="length", read=1 << 20)
+    prompt = pipe.build_prompt(user_messages("x", 0), [])
+    (only,) = deltas(pipe, prompt, stop=["on the"])
+    assert (only.text, only.finish_reason) == ("a red circle ", "stop")
     assert llm.closed == 1
 
 
