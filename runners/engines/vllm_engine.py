@@ -204,7 +204,9 @@ class VLLMEngine:
             prompt = {
                 "prompt_token_ids": collapse_image_tokens(
                     prompt_token_ids, self.image_token_id, image_features.shape[1]),
-                "multi_modal_data": {"image": from_wire(image_features, self.torch_dtype)},
+                # In the dtype sent (lmm.transfer): vLLM casts them to its model's dtype itself,
+                # on its device, where it merges them into the prompt's embeddings.
+                "multi_modal_data": {"image": from_wire(image_features)},
             }
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         sampling = self.sampling_params(params)

@@ -174,6 +174,20 @@ def test_split_path_equals_whole_model_generate(engine, split_cases):
             engine.run(reference.shutdown())
 
 
+def test_bfloat16_features_generate_as_their_values_sent_in_float32(engine, split_cases):
+    """Features sent as bfloat16 bits (lmm.transfer) are converted to the engine's dtype
+    (float32 here): the same tokens as the same values sent as float32."""
+    from lmm.transfer import to_wire
+
+    with_images = [(ids, feats) for ids, feats, _, _ in split_cases if feats is not None][:3]
+    halved = [(ids, torch.from_numpy(feats).bfloat16()) for ids, feats in with_images]
+    params = SamplingParams(max_tokens=8)
+    bits = engine.run(collect(engine, [(ids, to_wire(h), params, 0) for ids, h in halved]))
+    values = engine.run(collect(engine, [(ids, h.float().numpy(), params, 0)
+                                         for ids, h in halved]))
+    assert [r[:2] for r in bits] == [r[:2] for r in values]
+
+
 def test_each_sequence_keeps_its_own_sampling_params_inside_one_batch(engine, hf, encoder):
     model, processor = hf
     sample = make_samples(1, seed=5)[0]
