@@ -104,7 +104,7 @@ class LMMService:
 
     def _observe(self, route: str) -> RequestObserver:
         """One request's metrics (lmm.metrics), from the moment its handler starts."""
-        return RequestObserver(self.metrics, route)
+        return self.metrics.request(route)
 
     async def _prepare(self, request: GenerateRequest, deadline: Deadline,
                        observer: RequestObserver):

@@ -68,6 +68,10 @@ class OpenAIServing:
         self.images = images or ImageDecoder(self.config.images)
         self.metrics = metrics
 
+    def _observe(self, route: str) -> RequestObserver:
+        """One request's metrics; none are recorded when the server was built without them."""
+        return self.metrics.request(route) if self.metrics else RequestObserver(None, route)
+
     # -- models ------------------------------------------------------------------------
     def models(self) -> oai.ModelList:
         return oai.ModelList(data=[self.chat_model.openai(), self.embedding_model.openai()])
@@ -90,7 +94,7 @@ class OpenAIServing:
     async def _within_deadline(self, request: oai.SamplingRequest, body, route: str):
         """``body(request, deadline, observer)`` bounded by the request's deadline (504 past
         it), observed as one request of ``route`` (lmm.metrics)."""
-        observer = RequestObserver(self.metrics, route)
+        observer = self._observe(route)
 
         async def bounded():
             deadline = Deadline.start(request.timeout, self.config.api.timeout)
@@ -146,7 +150,7 @@ class OpenAIServing:
 
     # -- embeddings --------------------------------------------------------------------
     async def embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
-        observer = RequestObserver(self.metrics, "embeddings")
+        observer = self._observe("embeddings")
         return await observer.run(Deadline.start(None, self.config.api.timeout).run(
             self._embeddings(request, observer)))
 

@@ -95,13 +95,18 @@ def image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_one_request_is_one_trace_through_all_three_services(traced, collector):
+def chat_with_an_image(url: str) -> httpx.Response:
     body = {"model": "shapes-llava", "max_tokens": 4, "temperature": 0,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": image_url()}},
                 {"type": "text", "text": "What shape is it?"}]}]}
-    response = httpx.post(traced.url + "/v1/chat/completions", json=body, timeout=120)
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
+    return response
+
+
+def test_one_request_is_one_trace_through_all_three_services(traced, collector):
+    response = chat_with_an_image(traced.url)
     trace_id = response.headers["x-request-id"]  # no client id: the request's trace id
     assert len(trace_id) == 32 and int(trace_id, 16)
     deadline = time.monotonic() + 30
@@ -121,5 +126,11 @@ def test_a_request_without_images_does_not_reach_the_vision_runner(traced, colle
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "lmm-llm" not in collector.traces().get(trace_id, ()):
         time.sleep(0.2)
-    time.sleep(1)  # anything the vision runner sent would have come by now
+    # A later request with an image: once its vision span is in, anything the vision runner
+    # had made for the first request is in too (one exporter queue per process, in order).
+    later = chat_with_an_image(traced.url).headers["x-request-id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "lmm-vision" not in collector.traces().get(later, ()):
+        time.sleep(0.2)
+    assert "lmm-vision" in collector.traces().get(later, ())
     assert collector.traces().get(trace_id) == {"lmm-api", "lmm-llm"}
