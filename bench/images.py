@@ -9,6 +9,8 @@
             4, and every odd-numbered one gets images drawn for it alone (new for each level), so
             half of the requests repeat an image an image-feature cache could hold.
 
+``shapes`` and ``large`` draw new images for each level (``level``), so a later level of a sweep
+gets no help from the prefix cache or the image-feature cache filled by an earlier one.
 Each request carries ``per_request`` images; its question is the first image's shapes question.
 """
 
@@ -47,8 +49,8 @@ def _small(samples) -> list[tuple[str, str]]:
 
 
 @functools.cache
-def _shapes_pool() -> tuple[tuple[str, str], ...]:
-    return tuple(_small(make_samples(64, seed=11)))
+def _shapes_pool(level: int = 0) -> tuple[tuple[str, str], ...]:
+    return tuple(_small(make_samples(64, seed=11 + 7919 * level)))
 
 
 def gradient(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -62,8 +64,8 @@ def gradient(width: int, height: int, rng: np.random.Generator) -> Image.Image:
 
 
 @functools.cache
-def _large_pool() -> tuple[tuple[str, str], ...]:
-    rng = np.random.default_rng(12)
+def _large_pool(level: int = 0) -> tuple[tuple[str, str], ...]:
+    rng = np.random.default_rng(12 + 7919 * level)
     pool = []
     for i, (width, height) in enumerate(LARGE_SIZES):
         sample = random_sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)], max(width, height))
@@ -83,11 +85,11 @@ def _cycled(pool, count: int, per_request: int) -> list[Prompt]:
 
 def prompts(name: str, count: int, per_request: int = 1, level: int = 0) -> list[Prompt]:
     """``count`` requests' images and questions from set ``name``; ``level`` seeds the images
-    that ``repeat`` draws for one request alone, so no two levels share them."""
+    (for ``repeat``, those drawn for one request alone), so no two levels share them."""
     if name == "shapes":
-        return _cycled(_shapes_pool(), count, per_request)
+        return _cycled(_shapes_pool(level), count, per_request)
     if name == "large":
-        return _cycled(_large_pool(), count, per_request)
+        return _cycled(_large_pool(level), count, per_request)
     if name != "repeat":
         raise ValueError(f"unknown image set {name!r}; one of {', '.join(IMAGE_SETS)}")
     pool = _shapes_pool()[:REPEAT_POOL]

@@ -426,7 +426,7 @@ async def run(args) -> tuple[list[Target], list[Level]]:
             print(f"# {target.name}: {target.url} model {target.model}", file=sys.stderr)
         print(TABLE_HEAD, file=sys.stderr, flush=True)  # progress; the table goes to stdout
         streams = {"plain": [False], "stream": [True], "both": [False, True]}[args.mode]
-        number = 0  # levels so far: seeds the per-level images of the repeat set
+        number = 0  # levels so far: seeds each level's images (bench/images.py)
         for images in args.images:
             for load in sweep:
                 for stream in streams:

@@ -177,6 +177,10 @@ def test_image_sets():
     two = prompts("shapes", 2, per_request=2)
     assert [p.images for p in two] == [tuple(single[:2]), tuple(single[2:])]
     assert len(set(single)) == 4
+    for name in ("shapes", "large"):  # each level its own images, the same on every run
+        level0, level1 = prompts(name, 8, level=0), prompts(name, 8, level=1)
+        assert not {p.images for p in level0} & {p.images for p in level1}
+        assert prompts(name, 8, level=1) == level1
 
     level0, level1 = prompts("repeat", 16, level=0), prompts("repeat", 16, level=1)
     pooled = [p.images[0] for p in level0[::2]]
