@@ -43,8 +43,24 @@ from lmm.upload_guard import UploadGuard
 from runners.llm import LLM
 from runners.vision import VisionEncoder
 
+
+def _check_models() -> None:
+    """The configured models are of architectures this build serves (lmm.architectures), or
+    ``bentoml serve`` / ``build`` stop here with a message naming the supported ones."""
+    from bentoml.exceptions import InvalidArgument
+
+    from lmm.architectures import UnsupportedModel, check_models
+
+    try:
+        check_models(LLM.inner.llava.resolve().path, CONFIG.llm_model,
+                     VisionEncoder.inner.clip.resolve().path, CONFIG.clip_model)
+    except UnsupportedModel as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 logger = logging.getLogger(__name__)
 CONFIG = load_config()
+_check_models()
 request_id.install_log_records()  # every worker (API and runners) imports this module
 patches.install()  # BentoML's traffic timeout left each request's context alive for 300 s
 

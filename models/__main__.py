@@ -3,6 +3,7 @@
     python -m models build                 # the default shapes models (offline)
     python -m models build-bench           # a random-weight bench-size LLaVA (offline)
     python -m models import-hf ORG/NAME    # a Hugging Face checkpoint (needs the hub)
+    python -m models import-hf DIR         # a local checkpoint directory
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("--out", help="also keep the saved checkpoint directory here")
     bb.set_defaults(func=build_bench)
     hf = sub.add_parser("import-hf", help="import a Hugging Face checkpoint into the store")
-    hf.add_argument("model_id", help="e.g. llava-hf/llava-1.5-7b-hf")
+    hf.add_argument("model_id", help="a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local "
+                    "checkpoint directory (what from_pretrained reads)")
     hf.add_argument("--name", help="store name (default: derived from the id)")
     hf.add_argument("--revision", default="main")
     hf.set_defaults(func=import_hf)

@@ -34,7 +34,34 @@ def download(model_id: str, revision: str, target: Path) -> Path:
         ) from exc
 
 
+def import_local(directory: Path, name: str | None = None) -> int:
+    """A checkpoint directory (anything ``from_pretrained`` reads: config.json, weights,
+    processor files) into the store as it is, the same entry a hub import makes of it."""
+    from lmm.architectures import EMBEDDING, GENERATIVE, UnsupportedModel, architecture_of
+
+    try:
+        found = architecture_of(directory)
+    except UnsupportedModel as exc:
+        print(f"[models] error: {exc}", flush=True)
+        return 2
+    if not any(directory.glob("*.safetensors")):
+        print(f"[models] error: {directory} has no *.safetensors weights; load it with "
+              "from_pretrained and save it with save_pretrained (safetensors) first", flush=True)
+        return 2
+    if found not in GENERATIVE and found not in EMBEDDING:
+        print(f"[models] warning: {found or 'no architecture'} is not served by this build "
+              f"(serves {', '.join([*GENERATIVE, *EMBEDDING])}); storing it anyway", flush=True)
+    model = save_to_store(name or store_name(directory.resolve().name), directory,
+                          labels={"source": "local"},
+                          metadata={"source": str(directory.resolve())})
+    print(f"[models] {model.tag}", flush=True)
+    return 0
+
+
 def import_checkpoint(model_id: str, name: str | None = None, revision: str = "main") -> int:
+    """``model_id`` is a hub id, or a local checkpoint directory (stored as it is)."""
+    if Path(model_id).is_dir():
+        return import_local(Path(model_id), name)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"[models] downloading {model_id}@{revision} ...", flush=True)
         try:
