@@ -194,9 +194,10 @@ class LLMConfig(ServiceScaling):
         return {name: getattr(self, name) for name in TRANSFORMERS_ONLY}
 
     def vllm_args(self) -> dict:
-        """The vLLM engine's settings, defaults filled in."""
-        return {name: default if getattr(self, name) is None else getattr(self, name)
+        """The vLLM engine's settings, defaults filled in (those without one left out)."""
+        args = {name: default if getattr(self, name) is None else getattr(self, name)
                 for name, default in VLLM_DEFAULTS.items()}
+        return {name: value for name, value in args.items() if value is not None}
 
 
 VLLM_DEFAULTS = {
