@@ -45,6 +45,7 @@ LEGACY_PREFIXES = (
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "sequential")
+REMAP_BYTES = 64 * 2**20  # see _read
 
 
 class CheckpointError(ValueError):
@@ -152,6 +153,26 @@ def _align(index: CheckpointIndex, stored: set[str], wanted: set[str]) -> Checkp
     return CheckpointIndex(files)
 
 
+def _read(index: CheckpointIndex, by_file: dict[Path, list[str]]):
+    """(name, tensor) for each name, memory-mapped from its file. The mapping is reopened every
+    ``REMAP_BYTES``: the pages a cast or a copy to a GPU has read stay resident while their file
+    is mapped, and the part would otherwise cost its bytes twice (as stored and as loaded)."""
+    from safetensors import safe_open
+
+    for path, names in by_file.items():
+        start = 0
+        while start < len(names):
+            read = 0
+            with safe_open(path, framework="pt", device="cpu") as f:
+                while start < len(names) and read < REMAP_BYTES:
+                    name = names[start]
+                    tensor = f.get_tensor(index.files[name][1])
+                    read += tensor.numel() * tensor.element_size()
+                    start += 1
+                    yield name, tensor
+                    del tensor
+
+
 def _empty_model(model_path: str | Path, dtype):
     """The whole model's modules, on the meta device (buffers real: they are computed)."""
     from accelerate import init_empty_weights
@@ -225,7 +246,6 @@ def load_part(
     """
     import torch
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
-    from safetensors import safe_open
 
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
@@ -284,18 +304,15 @@ def load_part(
     by_file: dict[Path, list[str]] = {}
     for name in sorted(stored):
         by_file.setdefault(index.files[name][0], []).append(name)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in names:
-                tensor = f.get_tensor(index.files[name][1])
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                target = device if placement is None else _device_for(name, placement)
-                if target == "disk":
-                    offload_index = offload_weight(tensor, name, offload_dir, offload_index)
-                else:
-                    set_module_tensor_to_device(model, name, target, value=tensor)
-                del tensor
+    for name, tensor in _read(index, by_file):
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        target = device if placement is None else _device_for(name, placement)
+        if target == "disk":
+            offload_index = offload_weight(tensor, name, offload_dir, offload_index)
+        else:
+            set_module_tensor_to_device(model, name, target, value=tensor)
+        del tensor
     for target, source in ties.items():
         owner_name, _, attr = target.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, model.get_parameter(source))
