@@ -250,6 +250,12 @@ def load_part(
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, not {part!r}")
     model = _empty_model(model_path, dtype)
+    quantized = getattr(model.config, "quantization_config", None)
+    if part == "language" and quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+        raise CheckpointError(
+            f"{model_path}: a quantized checkpoint ({method}); serve its language model with "
+            "llm.backend: vllm (llm.quantization), which has the kernels for it")
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)  # target -> source
     _drop(model, tuple(root for other, roots in PARTS.items() if other != part for root in roots))
     index = CheckpointIndex.read(model_path)

