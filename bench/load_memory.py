@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["peak_over_imports"] = row["peak_rss"] - row["imports_rss"]
             rows.append(row)
 
-    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:,.0f}"
     print(f"model: {path} ({mib(files)} MiB of safetensors, {args.dtype}, llava-1.5 layout; "
           f"vision {numel['vision']:,} + language {numel['language']:,} parameters)")
     print(f"{'case':<10}{'dtype':<9}{'weights':>9}{'peak RSS':>10}{'imports':>9}"

@@ -54,7 +54,7 @@ class CheckpointError(ValueError):
 
 def canonical_key(key: str) -> str:
     """A checkpoint key in the model's own naming (llava-1.5 keys renamed, others as they are)."""
-    if key.startswith("model.") or key.startswith("lm_head."):
+    if key.startswith(("model.", "lm_head.")):
         return key
     for old, new in LEGACY_PREFIXES:
         if key.startswith(old):
@@ -76,7 +76,7 @@ class CheckpointIndex:
     files: dict[str, tuple[Path, str]]
 
     @classmethod
-    def read(cls, model_path: str | Path) -> "CheckpointIndex":
+    def read(cls, model_path: str | Path) -> CheckpointIndex:
         root = Path(model_path)
         index = root / "model.safetensors.index.json"
         if index.is_file():
@@ -86,7 +86,7 @@ class CheckpointIndex:
             from safetensors import safe_open
 
             with safe_open(root / "model.safetensors", framework="pt") as f:
-                stored = {key: root / "model.safetensors" for key in f.keys()}
+                stored = {key: root / "model.safetensors" for key in f.keys()}  # noqa: SIM118
         else:
             raise CheckpointError(
                 f"{root}: no model.safetensors or model.safetensors.index.json; save the model "
@@ -197,9 +197,9 @@ def _device_for(name: str, device_map: dict[str, str]) -> str:
     """The device of the longest device_map entry that contains ``name``."""
     best, device = -1, None
     for module, dev in device_map.items():
-        if module == "" or name == module or name.startswith(module + "."):
-            if len(module) > best:
-                best, device = len(module), dev
+        inside = module == "" or name == module or name.startswith(module + ".")
+        if inside and len(module) > best:
+            best, device = len(module), dev
     if device is None:
         raise ValueError(f"device_map places no module holding {name}; add it (or a parent)")
     return device
@@ -328,9 +328,9 @@ def load_part(
     if placement is not None:
         from accelerate import dispatch_model
 
-        embed = _device_for(
-            next(n for n in wanted if "embed_tokens" in n) if part == "language" else
-            sorted(wanted)[0], placement)
+        # Inputs enter where the embeddings run (the first tensor, for a part without them).
+        embed = _device_for(next((n for n in sorted(wanted) if "embed_tokens" in n),
+                                 min(wanted)), placement)
         gpus = [d for d in placement.values() if d not in ("cpu", "disk")]
         main = embed if embed not in ("cpu", "disk") else (gpus[0] if gpus else "cpu")
         dispatch_model(model, placement, main_device=main, offload_dir=offload_dir,

@@ -149,7 +149,7 @@ def test_a_config_change_reaches_the_manifests_through_the_services(tmp_path):
 @pytest.mark.parametrize("llm, gpus", [
     ("llm:\n  backend: vllm\n  tensor_parallel_size: 4\n", 4),
     ("llm:\n  device_map: {model.language_model.layers: 0, model.language_model: 'cuda:1', "
-     "lm_head: cpu}\n", 2),
+     + "lm_head: cpu}\n", 2),
     ("llm:\n  device_map: {model.language_model: cpu, lm_head: cpu}\n", 0),
 ])
 def test_the_llm_pod_requests_the_gpus_its_placement_uses(tmp_path, llm, gpus):
