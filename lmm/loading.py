@@ -205,6 +205,19 @@ def _device_for(name: str, device_map: dict[str, str]) -> str:
     return device
 
 
+def _covered(name: str, device_map: dict[str, str]) -> bool:
+    return any(m == "" or name == m or name.startswith(m + ".") for m in device_map)
+
+
+def _main_device(placement: dict[str, str], wanted: set[str]) -> str:
+    """Where inputs enter: the embeddings' device (the first tensor's, for a part without
+    them), or the first GPU of the map when they are offloaded, else the CPU."""
+    embed = _device_for(next((n for n in sorted(wanted) if "embed_tokens" in n), min(wanted)),
+                        placement)
+    gpus = [d for d in placement.values() if d not in ("cpu", "disk")]
+    return embed if embed not in ("cpu", "disk") else (gpus[0] if gpus else "cpu")
+
+
 def _normalize_device(device) -> str:
     import torch
 
@@ -299,6 +312,12 @@ def load_part(
         placement = {m: d for m, d in placement.items() if part_of(m) == part or m == ""}
         for name in wanted:
             _device_for(name, placement)  # every tensor of the part has a device
+        main = _main_device(placement, wanted)
+        # Computed buffers (rotary tables) are in no checkpoint and may be in no entry of an
+        # explicit map: they run where the inputs enter, or they would stay on the CPU.
+        for name, _ in model.named_buffers():
+            if part_of(name) == part and not _covered(name, placement):
+                placement[name.rpartition(".")[0]] = main
     offload_dir = None
     offload_index: dict = {}
     if placement and "disk" in placement.values():
@@ -328,15 +347,11 @@ def load_part(
     if placement is not None:
         from accelerate import dispatch_model
 
-        # Inputs enter where the embeddings run (the first tensor, for a part without them).
-        embed = _device_for(next((n for n in sorted(wanted) if "embed_tokens" in n),
-                                 min(wanted)), placement)
-        gpus = [d for d in placement.values() if d not in ("cpu", "disk")]
-        main = embed if embed not in ("cpu", "disk") else (gpus[0] if gpus else "cpu")
         dispatch_model(model, placement, main_device=main, offload_dir=offload_dir,
                        skip_keys=getattr(model, "_skip_keys_device_placement", None))
         model.hf_device_map = placement
         model.lmm_input_device = torch.device(main)
     else:
+        model.to(device)  # the computed buffers; the parameters are there already
         model.lmm_input_device = torch.device(device)
     return model.eval()

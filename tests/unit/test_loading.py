@@ -188,6 +188,12 @@ def test_an_explicit_device_map_places_every_module_or_is_refused(llava_dir, tmp
     with pytest.raises(ValueError, match="places no module holding lm_head.weight"):
         load_part(llava_dir, "language", torch.float32,
                   device_map={"model.language_model": "cpu"})
+    # the rotary table is in no map entry: it goes where the inputs enter
+    model = load_part(llava_dir, "language", torch.float32,
+                      device_map={"model.language_model.embed_tokens": "cpu",
+                                  LAYERS: "cpu", "model.language_model.norm": "cpu",
+                                  "lm_head": "cpu"})
+    assert model.hf_device_map["model.language_model.rotary_emb"] == "cpu"
     with pytest.raises(ValueError, match="set offload_folder"):
         load_part(llava_dir, "language", torch.float32,
                   device_map={"model.language_model": "cpu", "lm_head": "disk"})
