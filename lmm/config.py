@@ -293,6 +293,11 @@ class LMMConfig(_Strict):
             )
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        llm = self.llm
+        if (llm.backend == "vllm" and self.llm_device().startswith("cuda:")
+                and (llm.tensor_parallel_size or 1) > 1):
+            raise ValueError(f"device: {self.llm_device()} names one GPU but "
+                             "llm.tensor_parallel_size shards over several; set llm.device: cuda")
         return self
 
     def resources(self, scaling: ServiceScaling) -> dict:

@@ -86,6 +86,10 @@ def test_inconsistent_placements_are_refused_with_the_fix():
         LMMConfig(llm={"device_map": "everywhere"})
     with pytest.raises(ValidationError, match="names one GPU but llm.tensor_parallel_size"):
         LMMConfig(llm={"backend": "vllm", "device": "cuda:1", "tensor_parallel_size": 2})
+    with pytest.raises(ValidationError, match="cuda:1 names one GPU but llm.tensor_parallel"):
+        LMMConfig(device="cuda:1", llm={"backend": "vllm", "tensor_parallel_size": 2})
+    LMMConfig(device="cuda:1", llm={"backend": "vllm", "device": "cuda",
+                                    "tensor_parallel_size": 2})
     with pytest.raises(ValidationError, match="placement uses 2 GPUs"):
         LMMConfig(llm={"gpus": 1, "device_map": TWO_GPU_MAP})
 
