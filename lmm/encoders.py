@@ -15,17 +15,15 @@ class LlavaVisionEncoder:
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto"):
         import torch
-        from transformers import AutoModelForImageTextToText
 
         from lmm.device import resolve_device_dtype
+        from lmm.loading import load_part
 
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=self.dtype)
-        # Only the tower and projector run here; the language model lives in the LLM runner.
-        model.model.language_model = None
-        model.lm_head = None
-        self.model = model.eval().to(self.device)
-        self.config = model.config
+        # Only the tower and projector are read from the checkpoint (lmm.loading); the language
+        # model lives in the LLM runner and is never materialised here.
+        self.model = load_part(model_path, "vision", self.dtype, self.device)
+        self.config = self.model.config
         self.torch = torch
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -40,8 +40,8 @@ class VisionEncoder:
             import torch
 
             torch.set_num_threads(CONFIG.torch_threads)
-        self.encoder = LlavaVisionEncoder(self.llava.path, CONFIG.device, CONFIG.dtype)
-        self.embedder = ClipEmbedder(self.clip.path, CONFIG.device, CONFIG.dtype)
+        self.encoder = LlavaVisionEncoder(self.llava.path, CONFIG.vision_device(), CONFIG.dtype)
+        self.embedder = ClipEmbedder(self.clip.path, CONFIG.vision_device(), CONFIG.dtype)
 
     def _record(self, api: str, size: int) -> None:
         BATCH_SIZE.labels(api=api).observe(size)

@@ -12,7 +12,8 @@ The services, their dependencies, workers, resources and timeouts come from the 
 graph itself (``service:LMMService`` and what it reaches through ``bentoml.depends``, imported with
 the config: ``service_graph``), so a service added there gets its manifests. The API service runs
 on CPU; each runner gets its own replicas, resources (``nvidia.com/gpu`` from its ``gpu``
-resource) and HPA. The deployment config is a ConfigMap mounted at ``CONFIG_PATH`` and named by
+resource: ``gpus``, or the GPUs its placement uses, ``llm.tensor_parallel_size`` or the CUDA
+devices of ``llm.device_map``: ``LLMConfig.gpus_needed``) and HPA. The deployment config is a ConfigMap mounted at ``CONFIG_PATH`` and named by
 ``LMM_CONFIG_FILE``; the API key comes from a Secret (referenced, never rendered).
 
 Scaling is declared, not coded: ``render`` is a function of the config, the code's service graph

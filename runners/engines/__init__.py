@@ -14,7 +14,7 @@ def make_engine(config: LMMConfig, model_path: str,
     """The engine ``config.llm.backend`` names, given exactly the settings it uses."""
     llm = config.llm
     common = dict(
-        device=config.device, dtype=config.dtype, max_num_seqs=llm.max_num_seqs,
+        device=config.llm_device(), dtype=config.dtype, max_num_seqs=llm.max_num_seqs,
         max_model_len=llm.max_model_len, max_waiting=llm.max_waiting,
         torch_threads=config.torch_threads, on_batch=on_batch, metrics=metrics,
     )
@@ -25,5 +25,5 @@ def make_engine(config: LMMConfig, model_path: str,
     if llm.backend == "transformers":
         from runners.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(model_path, **common)
+        return TransformersEngine(model_path, **common, **llm.placement())
     raise ValueError(f"unknown LLM backend {llm.backend!r}; choose vllm or transformers")

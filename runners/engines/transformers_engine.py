@@ -83,9 +83,14 @@ class TransformersEngine:
         on_batch: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
         metrics: EngineObserver | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
+        offload_folder: str | None = None,
     ):
         self.model_path = model_path
         self.device_name, self.dtype_name = device, dtype
+        # Several devices (accelerate): a strategy or module -> device; lmm.loading places it.
+        self.device_map, self.max_memory, self.offload_folder = device_map, max_memory, offload_folder
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.torch_threads = torch_threads
@@ -102,22 +107,26 @@ class TransformersEngine:
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText
+
+        from lmm.loading import load_part
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self.device, self.dtype = resolve_device_dtype(self.device_name, self.dtype_name)
-        model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
-        model.eval().to(self.device)
+        self.device, self.dtype = resolve_device_dtype(
+            self.device_name, self.dtype_name, self.device_map)
+        # Only the language model is read from the checkpoint (lmm.loading): the vision tower
+        # and projector live in the vision runner and are never materialised here.
+        model = load_part(self.model_path, "language", self.dtype, self.device,
+                          device_map=self.device_map, max_memory=self.max_memory,
+                          offload_folder=self.offload_folder)
+        self.device = model.lmm_input_device  # where the embeddings run: inputs go there
+        self.model = model
         config = model.config
         self.image_token_id = config.image_token_id
         self.embed = model.get_input_embeddings()
         self.decoder = model.model.language_model
         self.lm_head = model.lm_head
         self.text_config = config.get_text_config()
-        # The vision tower lives in the vision runner; do not hold its weights twice.
-        model.model.vision_tower = None
-        model.model.multi_modal_projector = None
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.hidden_size = self.text_config.hidden_size

