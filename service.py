@@ -101,13 +101,18 @@ class LMMService:
     clip = bentoml.models.BentoModel(CONFIG.clip_model)
 
     def __init__(self) -> None:
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, AutoTokenizer
+
+        from lmm.families import family_for
 
         self.metrics = metrics.api_metrics(CONFIG.llm.max_model_len)
+        self.family = family_for(self.llava.path)
+        # The family's processor builds prompts; a text-only model's tokenizer (its template).
+        processor = (AutoProcessor if self.family.takes_images
+                     else AutoTokenizer).from_pretrained(self.llava.path)
         self.pipeline = Pipeline(
-            CONFIG, AutoProcessor.from_pretrained(self.llava.path),
-            AutoProcessor.from_pretrained(self.clip.path), self.vision.to_async,
-            self.llm.to_async, self.metrics,
+            CONFIG, processor, AutoProcessor.from_pretrained(self.clip.path),
+            self.vision.to_async, self.llm.to_async, self.metrics, family=self.family,
         )
         self.images = ImageDecoder(CONFIG.images)
         self.chat_model = ServedModel.from_store(self.llava, CONFIG.served_model_name, "chat",

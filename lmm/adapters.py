@@ -88,6 +88,7 @@ class ServedModel:
     backend: str
     architecture: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    family: str = ""  # lmm.families: which family serves it ("" for the embedding model)
 
     @classmethod
     def from_store(cls, model: Any, id: str, kind: Literal["chat", "embedding"],
@@ -96,15 +97,25 @@ class ServedModel:
         return cls(id=id, name=model.tag.name, tag=str(model.tag),
                    created=int(model.info.creation_time.timestamp()), kind=kind,
                    backend=backend, labels=dict(model.info.labels),
-                   architecture=str(model.info.metadata.get("architecture", "")))
+                   architecture=str(model.info.metadata.get("architecture", "")),
+                   family=_family(str(model.info.metadata.get("architecture", "")), kind))
 
     def native(self, backend: str | None = None) -> protocol.ModelCard:
         return protocol.ModelCard(name=self.name, tag=self.tag, backend=backend or self.backend,
-                                  architecture=self.architecture, labels=self.labels)
+                                  architecture=self.architecture, family=self.family,
+                                  labels=self.labels)
 
     def openai(self) -> oai.ModelCard:
         return oai.ModelCard(id=self.id, created=self.created, tag=self.tag,
-                             version=self.tag.partition(":")[2], kind=self.kind)
+                             version=self.tag.partition(":")[2], kind=self.kind,
+                             architecture=self.architecture, family=self.family)
+
+
+def _family(architecture: str, kind: str) -> str:
+    from lmm.families import entry_for
+
+    entry = entry_for(architecture) if kind == "chat" else None
+    return entry.name if entry else ""
 
 
 # -- server-sent events --------------------------------------------------------------------

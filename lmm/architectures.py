@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# architectures[0] of config.json -> what serves it
-GENERATIVE = {
-    "LlavaForConditionalGeneration":
-        "LLaVA-1.5 layout: CLIP vision tower + projector + a Llama-family language model",
-}
+from lmm import families
+
+# architectures[0] of config.json (or a "*Suffix" pattern) -> what serves it: every family of
+# the registry (lmm.families.REGISTRY)
+GENERATIVE = families.supported()
 EMBEDDING = {
     "CLIPModel": "CLIP image and text towers with projections",
 }
@@ -36,11 +36,18 @@ def architecture_of(model_path: str | Path) -> str:
     return names[0]
 
 
+def matches(architecture: str, supported: dict[str, str]) -> bool:
+    """``architecture`` is one of ``supported``'s names or ends with a ``*Suffix`` of it."""
+    return any(architecture == name or (name.startswith("*") and architecture.endswith(name[1:])
+                                        and len(architecture) >= len(name))
+               for name in supported)
+
+
 def require(model_path: str | Path, setting: str, tag: str, supported: dict[str, str]) -> str:
     """The architecture of ``model_path``; UnsupportedModel naming the supported ones if it is
     not one of ``supported``. ``setting`` and ``tag`` say which config field chose the model."""
     found = architecture_of(model_path)
-    if found in supported:
+    if matches(found, supported):
         return found
     listed = "; ".join(f"{name} ({what})" for name, what in supported.items())
     raise UnsupportedModel(

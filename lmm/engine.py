@@ -193,24 +193,40 @@ def read_generation_info(model_path: str | Path) -> GenerationInfo:
     return GenerationInfo(image_token, int(text["hidden_size"]), frozenset(eos_ids))
 
 
-def validate_request(prompt_ids: list[int], features: np.ndarray | None, params: SamplingParams,
-                     image_token_id: int | None, hidden_size: int, max_model_len: int) -> None:
-    """The checks every engine makes before it accepts a sequence (ValueError: client fault)."""
-    n_image_tokens = sum(1 for t in prompt_ids if t == image_token_id)
-    if features is not None and features.size and features.ndim != 3:
-        raise ValueError(f"image features must be [images, tokens, hidden], got {features.shape}")
-    if features is not None and features.size:
-        wire_dtype(features)  # float32, float16 or bfloat16 bits (lmm.transfer)
-    n_features = 0 if features is None or not features.size else features.shape[0] * features.shape[1]
+def validate_request(prompt_ids: list[int], images, params: SamplingParams,
+                     image_token_id: int | None, hidden_size: int, max_model_len: int,
+                     takes_images: bool = True) -> list:
+    """The checks every engine makes before it accepts a sequence (ValueError: client fault).
+
+    ``images``: the request's ``ImageFeatures`` in prompt order, or the stacked
+    ``[images, tokens, hidden]`` array of a fixed-size family (None or empty: none). Each
+    image's features are 2-D, of the model's width, in a wire dtype; the prompt's image tokens
+    are as many as their rows together (a family checks its own layout beyond that). Returns
+    the images as a list of ``ImageFeatures``."""
+    from lmm.families import as_image_features
+
+    features = as_image_features(images)
+    if features and not takes_images:
+        raise ValueError("this model takes no images (a text-only LLM): send the request "
+                         "without images")
+    for i, f in enumerate(features):
+        if f.embeds.ndim != 2:
+            raise ValueError(f"image {i}: features must be [tokens, hidden], got "
+                             f"{f.embeds.shape}")
+        wire_dtype(f.embeds)  # float32, float16 or bfloat16 bits (lmm.transfer)
+        if f.embeds.shape[-1] != hidden_size:
+            raise ValueError(f"image features have width {f.embeds.shape[-1]}, not {hidden_size}")
+    n_image_tokens = sum(1 for t in prompt_ids if t == image_token_id) if image_token_id is not None else 0
+    n_features = sum(f.embeds.shape[0] for f in features)
     if n_image_tokens != n_features:
         raise ValueError(
             f"prompt has {n_image_tokens} image tokens but {n_features} feature rows were sent"
+            + (f" ({', '.join(str(f.embeds.shape[0]) for f in features)} per image)"
+               if len(features) > 1 else "")
         )
-    if n_features and features.shape[-1] != hidden_size:
-        raise ValueError(f"image features have width {features.shape[-1]}, not {hidden_size}")
     if len(prompt_ids) + params.max_tokens > max_model_len:
         raise ValueError(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
             f"max_model_len {max_model_len}"
         )
-
+    return features

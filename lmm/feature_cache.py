@@ -7,6 +7,10 @@ value is exactly what the vision runner returned for it, so a hit answers as the
 have. Entries are bounded by their bytes (``images.feature_cache_bytes``; 0 turns the cache
 off) and evicted least recently used first.
 
+Families whose images differ in shape (Qwen2.5-VL, LLaVA-NeXT, ...) are cached the same way
+per image (``features_per_image``): the key hashes every array of the image's ``ImageInput``
+(names, shapes, dtypes and bytes), the value is its ``ImageFeatures`` (features and meta).
+
 A request's images are looked up one by one: only the missing ones go to the runner, in one
 call. Concurrent requests that miss on the same image are coalesced: the first encodes it and
 the others wait for its result (if that call fails or is cancelled, each waiter encodes the
@@ -33,6 +37,28 @@ def image_key(pixels: np.ndarray) -> bytes:
     digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
     digest.update(np.ascontiguousarray(pixels).data)
     return digest.digest()
+
+
+def input_key(image) -> bytes:
+    """Content hash of one ``lmm.families.ImageInput``: each array's name, shape, dtype, bytes."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name in sorted(image.arrays):
+        array = np.asarray(image.arrays[name])
+        digest.update(f"{name}|{array.dtype.str}{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.digest()
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    return value.embeds.nbytes + sum(np.asarray(m).nbytes for m in value.meta.values())
+
+
+def _frozen(array) -> np.ndarray:
+    stored = np.array(array, copy=True)  # not a view into a whole batch's buffer
+    stored.flags.writeable = False
+    return stored
 
 
 class FeatureCache:
@@ -65,16 +91,19 @@ class FeatureCache:
     def put(self, key: bytes, features: np.ndarray) -> None:
         """Store one image's features (a read-only copy), evicting the least recently used
         entries until it fits; an entry larger than the whole cache is not stored."""
-        size = features.nbytes
+        size = _nbytes(features)
         if size > self.max_bytes:
             return
         if key in self._entries:
-            self.bytes -= self._entries.pop(key).nbytes
+            self.bytes -= _nbytes(self._entries.pop(key))
         while self.bytes + size > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.nbytes
-        stored = np.array(features, copy=True)  # not a view into a whole batch's buffer
-        stored.flags.writeable = False
+            self.bytes -= _nbytes(evicted)
+        if isinstance(features, np.ndarray):
+            stored = _frozen(features)
+        else:  # ImageFeatures
+            stored = type(features)(_frozen(features.embeds),
+                                    {k: _frozen(v) for k, v in features.meta.items()})
         self._entries[key] = stored
         self.bytes += size
 
@@ -86,6 +115,22 @@ class FeatureCache:
             keys = [image_key(p) for p in pixel_values]
         else:  # milliseconds per 336 px image: off the event loop (hashlib releases the GIL)
             keys = await asyncio.to_thread(lambda: [image_key(p) for p in pixel_values])
+        found = await self._lookup(keys, lambda idx: pixel_values[idx], encode)
+        return np.stack([found[key] for key in keys])
+
+    async def features_per_image(self, images: list, encode) -> list:
+        """``encode(images)``'s answer (one ``ImageFeatures`` per ``ImageInput``), with only the
+        images not cached (nor being encoded by another request) sent to ``encode``."""
+        size = sum(np.asarray(a).nbytes for im in images for a in im.arrays.values())
+        if size <= INLINE_HASH_BYTES:
+            keys = [input_key(im) for im in images]
+        else:
+            keys = await asyncio.to_thread(lambda: [input_key(im) for im in images])
+        found = await self._lookup(keys, lambda idx: [images[i] for i in idx], encode)
+        return [found[key] for key in keys]
+
+    async def _lookup(self, keys: list[bytes], take, encode) -> dict:
+        """key -> features for every key; ``take(indices)`` the inputs at those indices."""
         found: dict[bytes, np.ndarray] = {}
         waits: dict[bytes, asyncio.Future] = {}
         mine: list[int] = []  # first index of each key this call encodes
@@ -103,7 +148,7 @@ class FeatureCache:
                 mine.append(i)
         self._count(hits=len(keys) - len(mine) - len(waits), misses=len(mine))
         if mine:
-            found.update(await self._encode_own(pixel_values, keys, mine, owned, encode))
+            found.update(await self._encode_own(take, keys, mine, owned, encode))
         missing = []
         for key, future in waits.items():
             result = await asyncio.shield(future)
@@ -113,14 +158,17 @@ class FeatureCache:
                 found[key] = result
         self._count(hits=len(waits) - len(missing), misses=0)
         if missing:
-            first = {key: keys.index(key) for key in missing}
-            again = await self.features(pixel_values[[first[k] for k in missing]], encode)
-            found.update(zip(missing, again))
-        return np.stack([found[key] for key in keys])
+            first = [keys.index(key) for key in missing]
+            again = await self._lookup(missing, lambda idx: take([first[i] for i in idx]),
+                                       encode)
+            found.update(again)
+        return found
 
-    async def _encode_own(self, pixel_values, keys, mine, owned, encode) -> dict:
+    async def _encode_own(self, take, keys, mine, owned, encode) -> dict:
         try:
-            out = np.asarray(await encode(pixel_values[mine]))
+            out = await encode(take(mine))
+            if isinstance(out, np.ndarray) or not isinstance(out, list):
+                out = np.asarray(out)
             if len(out) != len(mine):
                 raise ValueError(f"the vision runner returned {len(out)} feature blocks for "
                                  f"{len(mine)} images")

@@ -283,6 +283,8 @@ class ModelCard(BaseModel):
     tag: str = Field(description="Extension: the BentoML model-store tag (name:version).")
     version: str = Field(description="Extension: the store version of the weights.")
     kind: Literal["chat", "embedding"] = Field(description="Extension: what it serves.")
+    architecture: str = Field("", description="Extension: config.json's architecture.")
+    family: str = Field("", description="Extension: the model family serving it (chat).")
 
 
 class ModelList(BaseModel):

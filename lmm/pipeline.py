@@ -16,6 +16,12 @@ from PIL import Image
 from lmm import faults
 from lmm.config import LMMConfig
 from lmm.errors import BadRequest, EngineFault, Overloaded
+from lmm.families import (
+    ImageFeatures,
+    ImageInput,
+    features_from_wire,
+    features_to_wire,
+)
 from lmm.feature_cache import FeatureCache
 from lmm.metrics import NO_REQUEST, ApiMetrics, RequestObserver
 from lmm.postprocess import IncrementalDetokenizer, StopStrings
@@ -26,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 class VisionClient(Protocol):
     async def encode(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    async def encode_images(self, images: list[dict[str, np.ndarray]]
+                            ) -> list[dict[str, np.ndarray]]: ...
     async def embed_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
     async def embed_texts(self, input_ids: list[list[int]]) -> list[list[float]]: ...
 
@@ -39,7 +47,8 @@ class LLMClient(Protocol):
 @dataclass
 class Prompt:
     token_ids: list[int]
-    pixel_values: np.ndarray | None  # [n_images, 3, H, W]
+    pixel_values: np.ndarray | None  # [n_images, 3, H, W]: a family of same-size images
+    images: list[ImageInput] | None = None  # per image: the other families
 
 
 @dataclass
@@ -96,10 +105,16 @@ async def _batches(chunks: AsyncIterator[str | bytes]) -> AsyncIterator[list[str
 
 class Pipeline:
     def __init__(self, config: LMMConfig, processor: Any, clip_processor: Any,
-                 vision: VisionClient, llm: LLMClient, metrics: ApiMetrics | None = None):
+                 vision: VisionClient, llm: LLMClient, metrics: ApiMetrics | None = None,
+                 family: Any = None):
+        """``family``: the LLM's ``lmm.families`` family (None: LLaVA-1.5's stacked path);
+        ``processor`` its AutoProcessor, or for a text-only model its tokenizer."""
         self.config = config
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.family = family
+        self.takes_images = family is None or family.takes_images
+        self.stacked = family is None or getattr(family, "stacked", False)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.clip_processor = clip_processor
         self.vision = vision
         self.llm = llm
@@ -117,21 +132,37 @@ class Pipeline:
     def build_prompt(self, messages: list[dict], images: Sequence[Image.Image]) -> Prompt:
         """Chat template + processor: token ids with image tokens expanded, and pixel values."""
         self.check_image_count(len(images))
+        if images and not self.takes_images:
+            raise BadRequest(f"{len(images)} image(s) sent, but this model takes no images (a "
+                             "text-only LLM): send the request without images.", "images")
+        if not self.takes_images:  # a tokenizer's template: content as plain text
+            messages = [{**m, "content": _plain(m["content"])} for m in messages]
         try:
             text = self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
             )
         except Exception as exc:  # a template raising on the conversation: the client's shape
             raise BadRequest(f"messages do not fit the model's chat template: {exc}", "messages")
+        if not self.takes_images:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return Prompt([int(t) for t in ids], None)
         inputs = self.processor(
             text=text, images=list(images) or None, return_tensors="np", add_special_tokens=False
         )
         ids = [int(t) for t in inputs["input_ids"][0]]
-        pixels = inputs.get("pixel_values") if images else None
-        return Prompt(ids, None if pixels is None else np.asarray(pixels, dtype=np.float32))
+        if self.stacked:
+            pixels = inputs.get("pixel_values") if images else None
+            return Prompt(ids, None if pixels is None else np.asarray(pixels, dtype=np.float32))
+        arrays = {k: np.asarray(v) for k, v in inputs.items()
+                  if k not in ("input_ids", "attention_mask", "token_type_ids",
+                               "mm_token_type_ids")}
+        return Prompt(ids, None, self.family.image_inputs(arrays, len(images)) if images else [])
 
     def image_tokens(self) -> int:
-        """Prompt tokens one image expands to (measured, so it holds for any processor)."""
+        """Prompt tokens one image expands to (measured, so it holds for any processor; a
+        32 px image: families of dynamic resolution give others more; 0: no images)."""
+        if not self.takes_images:
+            return 0
         image = Image.new("RGB", (32, 32))
         with_image = self.build_prompt(user_messages("x", 1), [image]).token_ids
         without = self.build_prompt(user_messages("x", 0), []).token_ids
@@ -148,10 +179,14 @@ class Pipeline:
             )
 
     # -- generation ----------------------------------------------------------------------
-    async def encode(self, prompt: Prompt, observer: RequestObserver = NO_REQUEST) -> np.ndarray:
+    async def encode(self, prompt: Prompt, observer: RequestObserver = NO_REQUEST
+                     ) -> np.ndarray | list[ImageFeatures]:
         """[n_images, tokens, hidden] features, one block per image (empty without images), in
         the dtype the vision runner sent them (``lmm.transfer``); images already in the feature
-        cache are not sent to the runner."""
+        cache are not sent to the runner. Families of images of many sizes: one
+        ``ImageFeatures`` per image instead."""
+        if prompt.images is not None:
+            return await self._encode_images(prompt.images, observer)
         if prompt.pixel_values is None:
             return np.zeros((0, 0, 0), dtype=np.float32)
 
@@ -165,12 +200,35 @@ class Pipeline:
                 return await call(prompt.pixel_values)
             return await self.cache.features(prompt.pixel_values, call)
 
-    async def _open(self, prompt: Prompt, features: np.ndarray, params: SamplingParams):
+    async def _encode_images(self, images: list[ImageInput], observer: RequestObserver
+                             ) -> list[ImageFeatures]:
+        if not images:
+            return []
+
+        async def call(todo: list[ImageInput]) -> list[ImageFeatures]:
+            sent = [im.arrays for im in todo]
+            out = await faults.call("vision", self.vision,
+                                    lambda: self.vision.encode_images(sent))
+            return features_from_wire(out)
+
+        with observer.encoding():
+            if self.cache is None:
+                return await call(images)
+            return await self.cache.features_per_image(images, call)
+
+    async def _open(self, prompt: Prompt, features, params: SamplingParams):
         """The runner's stream of JSON-line batches and its first batch (tried once more, after
         the runner is back, if it was unavailable: nothing has been sent to the client yet)."""
         async def start():
-            stream = faults.RunnerStream(self.llm.generate(
-                prompt_token_ids=prompt.token_ids, image_features=features, params=params))
+            if isinstance(features, list):  # per image, with their meta (lmm.families)
+                call = self.llm.generate(
+                    prompt_token_ids=prompt.token_ids,
+                    image_features=np.zeros((0, 0, 0), np.float32), params=params,
+                    images=features_to_wire(features))
+            else:
+                call = self.llm.generate(
+                    prompt_token_ids=prompt.token_ids, image_features=features, params=params)
+            stream = faults.RunnerStream(call)
             batches = _batches(stream.stream)
             try:
                 first = await anext(batches, None)
@@ -326,6 +384,13 @@ class Pipeline:
             faults.call("vision", self.vision, functools.partial(call, items[i : i + size]))
             for i in range(0, len(items), size)])
         return [list(map(float, v)) for part in parts for v in part]
+
+
+def _plain(content) -> str:
+    """A message's content as the text a text-only model's chat template takes."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

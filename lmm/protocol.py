@@ -78,6 +78,7 @@ class ModelCard(BaseModel):
     name: str
     tag: str
     architecture: str = ""
+    family: str = Field("", description="The lmm.families family serving it (chat model).")
     labels: dict[str, str] = Field(default_factory=dict)
     backend: str
 

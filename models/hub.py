@@ -37,7 +37,8 @@ def download(model_id: str, revision: str, target: Path) -> Path:
 def import_local(directory: Path, name: str | None = None) -> int:
     """A checkpoint directory (anything ``from_pretrained`` reads: config.json, weights,
     processor files) into the store as it is, the same entry a hub import makes of it."""
-    from lmm.architectures import EMBEDDING, GENERATIVE, UnsupportedModel, architecture_of
+    from lmm.architectures import (EMBEDDING, GENERATIVE, UnsupportedModel, architecture_of,
+                                    matches)
 
     try:
         found = architecture_of(directory)
@@ -48,7 +49,7 @@ def import_local(directory: Path, name: str | None = None) -> int:
         print(f"[models] error: {directory} has no *.safetensors weights; load it with "
               "from_pretrained and save it with save_pretrained (safetensors) first", flush=True)
         return 2
-    if found not in GENERATIVE and found not in EMBEDDING:
+    if not matches(found, GENERATIVE) and found not in EMBEDDING:
         print(f"[models] warning: {found or 'no architecture'} is not served by this build "
               f"(serves {', '.join([*GENERATIVE, *EMBEDDING])}); storing it anyway", flush=True)
     model = save_to_store(name or store_name(directory.resolve().name), directory,

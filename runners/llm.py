@@ -83,11 +83,26 @@ class LLM:
         prompt_token_ids: list[int],
         image_features: np.ndarray,
         params: SamplingParams,
+        images: list[dict[str, np.ndarray]] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Stream one sequence as JSON lines of EngineOutput; features are [images, tokens,
-        hidden] (an empty array for none) in float32, float16, or bfloat16 bits as uint16
-        (lmm.transfer), converted to the engine's dtype here."""
-        features = image_features if image_features.size else None
+        """Stream one sequence as JSON lines of EngineOutput. Image features come either
+        stacked, ``image_features`` [images, tokens, hidden] (families whose images all take the
+        same tokens: LLaVA-1.5; an empty array for none), or per image in ``images``: one
+        ``{"embeds": [tokens, hidden], **meta}`` each, in prompt order (lmm.families
+        ``features_to_wire``), meta such as Qwen's ``image_grid_thw``. Features are float32,
+        float16, or bfloat16 bits as uint16 (lmm.transfer), converted to the engine's dtype."""
+        from lmm.families import features_from_wire
+
+        if images:
+            if image_features.size:
+                raise BadRequest("send image features either stacked (image_features) or per "
+                                 "image (images), not both")
+            try:
+                features = features_from_wire(images)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        else:
+            features = image_features if image_features.size else None
         stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
         RUNNING.inc()
         try:

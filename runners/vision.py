@@ -1,13 +1,26 @@
-"""Vision-encoder runner: LLaVA tower + projector features, and CLIP image/text embeddings.
+"""Vision-encoder runner: the LLM's vision part (tower + projector features), and CLIP image/text
+embeddings.
 
-Its own BentoML service (own processes, own GPU, own scaling) with adaptive batching, so images
-from many concurrent requests are encoded together.
+Its own BentoML service (own processes, own GPU, own scaling); images from many concurrent
+requests are encoded together:
+
+- LLaVA-1.5 (every image the same shape): ``encode``, BentoML's adaptive batching over one
+  ``[N, 3, H, W]`` array.
+- Families whose images differ in shape (Qwen2.5-VL, LLaVA-NeXT, Gemma 3 with pan-and-scan):
+  ``encode_images``, one ``ImageInput`` per image. BentoML's batching needs one same-shape
+  array, so a small asyncio micro-batcher (``MicroBatcher``) takes every call waiting while the
+  previous batch ran (up to ``max_batch_size`` images) and hands them to the family's
+  ``VisionPart.encode`` at once, which runs same-group (or, for packed towers, all) inputs in
+  one forward pass. No timer: a call that finds the part idle runs at once.
+- Text-only LLMs: no vision part is loaded; CLIP still serves ``/embed``.
 """
 
 from __future__ import annotations
 
 import bentoml
 import numpy as np
+
+import asyncio
 
 from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config
@@ -21,6 +34,50 @@ BATCH_SIZE = stats.vision_batch_size(_CAPS.max_batch_size)
 
 with bentoml.importing():
     from lmm.encoders import ClipEmbedder, LlavaVisionEncoder
+    from lmm.errors import BadRequest
+
+
+class MicroBatcher:
+    """Groups concurrent ``encode`` calls (each a list of images) into one call of ``run``."""
+
+    def __init__(self, run, max_images: int, record=None):
+        self.run = run  # list[ImageInput] -> list[ImageFeatures], blocking
+        self.max_images = max_images
+        self.record = record
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def encode(self, images: list) -> list:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        done = asyncio.get_running_loop().create_future()
+        await self._queue.put((images, done))
+        return await done
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0][0])
+            while not self._queue.empty() and size < self.max_images:
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += len(item[0])
+            flat = [image for images, _ in batch for image in images]
+            if self.record is not None:
+                self.record(len(flat))
+            try:
+                out = await asyncio.to_thread(self.run, flat)
+            except Exception as exc:  # every call of the batch fails with the cause
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            start = 0
+            for images, done in batch:
+                if not done.done():
+                    done.set_result(out[start: start + len(images)])
+                start += len(images)
 
 
 @bentoml.service(
@@ -40,7 +97,19 @@ class VisionEncoder:
             import torch
 
             torch.set_num_threads(CONFIG.torch_threads)
-        self.encoder = LlavaVisionEncoder(self.llava.path, CONFIG.vision_device(), CONFIG.dtype)
+        from lmm.device import resolve_device_dtype
+        from lmm.families import family_for
+
+        self.family = family_for(self.llava.path)
+        self.encoder = self.part = self.batcher = None
+        if self.family.name == "llava":  # same-shape images: adaptive batching (encode)
+            self.encoder = LlavaVisionEncoder(self.llava.path, CONFIG.vision_device(),
+                                              CONFIG.dtype)
+        elif self.family.takes_images:
+            device, dtype = resolve_device_dtype(CONFIG.vision_device(), CONFIG.dtype)
+            self.part = self.family.vision(self.llava.path, str(device), dtype)
+            self.batcher = MicroBatcher(self.part.encode, _CAPS.max_batch_size,
+                                        lambda n: self._record("encode", n))
         self.embedder = ClipEmbedder(self.clip.path, CONFIG.vision_device(), CONFIG.dtype)
 
     def _record(self, api: str, size: int) -> None:
@@ -51,8 +120,27 @@ class VisionEncoder:
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         """Pixel values [N, 3, H, W] -> projected image features [N, tokens, hidden], in the
         model's dtype (bfloat16 as its bits in uint16: lmm.transfer)."""
+        if self.encoder is None:
+            raise BadRequest(f"the {self.family.name} family does not take stacked pixel "
+                             "values; send images per image (encode_images)")
         self._record("encode", len(pixel_values))
         return self.encoder(pixel_values)
+
+    @bentoml.api
+    async def encode_images(self, images: list[dict[str, np.ndarray]]
+                            ) -> list[dict[str, np.ndarray]]:
+        """One image's processor outputs per item (``lmm.families.ImageInput.arrays``) -> one
+        ``{"embeds": [tokens, hidden], **meta}`` per image, in order, in the model's dtype
+        (bfloat16 as its bits in uint16: lmm.transfer); micro-batched across calls."""
+        from lmm.families import ImageFeatures, ImageInput, features_to_wire
+
+        if self.batcher is None:
+            if self.encoder is None:
+                raise BadRequest(f"the {self.family.name} model takes no images")
+            out = self.encoder(np.stack([im["pixel_values"] for im in images]))
+            return features_to_wire([ImageFeatures(f) for f in out])
+        features = await self.batcher.encode([ImageInput(dict(im)) for im in images])
+        return features_to_wire(features)
 
     @bentoml.api(batchable=True, max_batch_size=_CAPS.max_batch_size,
                  max_latency_ms=_CAPS.max_latency_ms)

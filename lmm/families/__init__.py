@@ -110,3 +110,100 @@ class Family(Protocol):
     def vllm_prompt(self, token_ids: list[int], images: Sequence[ImageFeatures]) -> dict:
         """vLLM's prompt: ``prompt_token_ids`` as vLLM's processor wants them (placeholders
         collapsed where it expands them itself) and ``multi_modal_data`` with embeddings."""
+
+
+# -- the registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One family as this build serves it; the module is imported only when it is used."""
+
+    name: str
+    architectures: tuple[str, ...]  # config.json architectures; "*ForCausalLM" matches a suffix
+    module: str
+    attr: str  # a Family instance, or a class (built with from_pretrained(model_path) or ())
+    what: str  # what the checkpoint is, for messages and /model_info
+    vllm_args: tuple = ()  # (name, value) pairs of vLLM engine args the family needs
+    vllm_worker_setup: str = ""  # "module:function" run in each vLLM worker before it loads
+
+    def matches(self, architecture: str) -> bool:
+        return any(architecture == a or (a.startswith("*") and architecture.endswith(a[1:])
+                                         and len(architecture) > len(a) - 1)
+                   for a in self.architectures)
+
+
+REGISTRY: tuple[Entry, ...] = (
+    Entry("llava", ("LlavaForConditionalGeneration",), "lmm.families.llava", "LlavaFamily",
+          "LLaVA-1.5 layout: CLIP vision tower + projector + a Llama-family language model"),
+    Entry("text", ("*ForCausalLM",), "lmm.families.text", "TextFamily",
+          "a text-only decoder LLM (Llama, Qwen2, Mistral, ...): no images"),
+)
+
+
+def entry_for(architecture: str) -> Entry | None:
+    for entry in REGISTRY:
+        if entry.matches(architecture):
+            return entry
+    return None
+
+
+def supported() -> dict[str, str]:
+    """Architecture (or pattern) -> what serves it, every family of the registry."""
+    return {a: e.what for e in REGISTRY for a in e.architectures}
+
+
+def family_for(model_path: str | Path) -> "Family":
+    """The family serving the checkpoint at ``model_path`` (from config.json architectures);
+    ValueError naming the supported architectures when none does."""
+    import importlib
+
+    from lmm.architectures import architecture_of
+
+    found = architecture_of(model_path)
+    entry = entry_for(found)
+    if entry is None:
+        raise ValueError(f"{model_path} is a {found or 'checkpoint without architectures'}; "
+                         f"served architectures: {', '.join(supported())}")
+    obj = getattr(importlib.import_module(entry.module), entry.attr)
+    if isinstance(obj, type):
+        obj = obj.from_pretrained(model_path) if hasattr(obj, "from_pretrained") else obj()
+    return obj
+
+
+# -- what travels between the services -------------------------------------------------------
+EMBEDS = "embeds"
+
+
+def features_to_wire(images: Sequence[ImageFeatures]) -> list[dict[str, np.ndarray]]:
+    """Per image ``{"embeds": [tokens, hidden], **meta}``: a list of arrays, which BentoML's
+    runner client carries as they are (pickled, buffers out of band; bfloat16 as uint16)."""
+    out = []
+    for f in images:
+        if EMBEDS in f.meta:
+            raise ValueError(f"image meta may not be named {EMBEDS!r}")
+        out.append({EMBEDS: f.embeds, **f.meta})
+    return out
+
+
+def features_from_wire(items: Sequence[Mapping[str, np.ndarray]]) -> list[ImageFeatures]:
+    out = []
+    for i, item in enumerate(items):
+        if EMBEDS not in item:
+            raise ValueError(f"image {i}: no {EMBEDS!r} array sent")
+        meta = {k: np.asarray(v) for k, v in item.items() if k != EMBEDS}
+        out.append(ImageFeatures(np.asarray(item[EMBEDS]), meta))
+    return out
+
+
+def as_image_features(images) -> list[ImageFeatures]:
+    """An engine's images: a list of ImageFeatures as they are, or a [images, tokens, hidden]
+    array (the fixed-size families' stacked form; empty: none) split per image."""
+    if images is None:
+        return []
+    if isinstance(images, np.ndarray):
+        if not images.size:
+            return []
+        if images.ndim != 3:
+            raise ValueError(f"image features must be [images, tokens, hidden], got "
+                             f"{images.shape}")
+        return [ImageFeatures(images[i]) for i in range(images.shape[0])]
+    return list(images)

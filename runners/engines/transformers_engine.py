@@ -35,7 +35,6 @@ from lmm.engine import (
     validate_request,
 )
 from lmm.protocol import EngineOutput, SamplingParams
-from lmm.transfer import from_wire
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ SAMPLING_EPS = 1e-5
 class _Sequence:
     request_id: str
     prompt_ids: list[int]
-    features: object  # torch.Tensor [n_image_tokens, hidden] or None
+    images: list  # lmm.families.ImageFeatures in prompt order (wire arrays)
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
@@ -56,6 +55,7 @@ class _Sequence:
     queued_at: float = 0.0  # time.perf_counter() when it entered the inbox
     output_ids: list[int] = field(default_factory=list)
     length: int = 0  # tokens in the KV cache that belong to this sequence
+    offset: int = 0  # position of the next token minus ``length`` (Qwen's M-RoPE delta)
     aborted: bool = False
     done: bool = False
 
@@ -108,26 +108,38 @@ class TransformersEngine:
     def load(self) -> None:
         import torch
 
-        from lmm.loading import load_part
+        from lmm.families import family_for
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         self.device, self.dtype = resolve_device_dtype(
             self.device_name, self.dtype_name, self.device_map)
-        # Only the language model is read from the checkpoint (lmm.loading): the vision tower
-        # and projector live in the vision runner and are never materialised here.
-        model = load_part(self.model_path, "language", self.dtype, self.device,
-                          device_map=self.device_map, max_memory=self.max_memory,
-                          offload_folder=self.offload_folder)
-        self.device = model.lmm_input_device  # where the embeddings run: inputs go there
-        self.model = model
-        config = model.config
-        self.image_token_id = config.image_token_id
-        self.embed = model.get_input_embeddings()
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
-        self.text_config = config.get_text_config()
-        eos = model.generation_config.eos_token_id
+        # Only the language model is read from the checkpoint (the family's LanguagePart): the
+        # vision part lives in the vision runner and is never materialised here.
+        self.family = family_for(self.model_path)
+        placement = {k: v for k, v in (("device_map", self.device_map),
+                                       ("max_memory", self.max_memory),
+                                       ("offload_folder", self.offload_folder)) if v is not None}
+        if placement and self.family.name not in ("llava", "text"):
+            raise ValueError(f"llm.device_map is not supported for the {self.family.name} "
+                             "family; place it on one device (device: ...)")
+        part = self.family.language(self.model_path, self.device, self.dtype, **placement)
+        self.part = part
+        self.device = getattr(part, "device", self.device)  # where the embeddings run
+        self.model = getattr(part, "model", None)
+        self.image_token_id = part.image_token_id
+        self.takes_images = self.family.takes_images
+        self.embed = part.embed
+        self.decoder = part.decoder
+        self.lm_head = part.lm_head
+        self.text_config = part.text_config
+        self.position_dims = 1  # 3 once a prefill shows M-RoPE positions
+        generation = getattr(part, "generation_config", None)
+        if generation is None:
+            from transformers import GenerationConfig
+
+            generation = GenerationConfig.from_pretrained(self.model_path)
+        eos = generation.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.hidden_size = self.text_config.hidden_size
 
@@ -168,15 +180,11 @@ class TransformersEngine:
     ) -> AsyncIterator[EngineOutput]:
         import torch
 
-        validate_request(prompt_token_ids, image_features, params, self.image_token_id,
-                         self.hidden_size, self.max_model_len)
-        features = None
-        if image_features is not None and image_features.size:  # [images, tokens, hidden]
-            flat = image_features.reshape(-1, image_features.shape[-1])
-            # to the model's device, then its dtype (a no-op when sent in it: lmm.transfer)
-            features = from_wire(flat, dtype=self.dtype, device=self.device)
+        images = validate_request(prompt_token_ids, image_features, params,
+                                  self.image_token_id, self.hidden_size, self.max_model_len,
+                                  self.takes_images)
         seq = _Sequence(
-            request_id, list(prompt_token_ids), features, params,
+            request_id, list(prompt_token_ids), images, params,
             asyncio.get_running_loop(), asyncio.Queue(),
         )
         if params.seed is not None:
@@ -282,15 +290,14 @@ class TransformersEngine:
         return new
 
     def _embed(self, seq: _Sequence):
+        """[L, hidden] embeddings and [P, L] positions of one prompt (the family's own)."""
         import torch
 
         ids = torch.tensor(seq.prompt_ids, device=self.device)
-        embeds = self.embed(ids)
-        if seq.features is not None:
-            positions = (ids == self.image_token_id).nonzero(as_tuple=True)[0]
-            embeds = embeds.clone()
-            embeds[positions] = seq.features.to(self.device, embeds.dtype)
-        return embeds
+        # features go to the model's device, then its dtype (a no-op when sent in it)
+        embeds = self.part.inputs_embeds(ids, seq.images)
+        positions, seq.offset = self.part.positions(ids, seq.images)
+        return embeds, positions
 
     def _prefill(self, seqs: list[_Sequence]):
         import torch
@@ -300,15 +307,24 @@ class TransformersEngine:
         hidden = self.embed.weight.shape[1]
         embeds = torch.zeros(len(seqs), longest, hidden, device=self.device, dtype=self.embed.weight.dtype)
         mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
+        ids = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
+        positions = None
         for row, seq in enumerate(seqs):
             n = len(seq.prompt_ids)
-            embeds[row, longest - n :] = self._embed(seq)
+            row_embeds, row_positions = self._embed(seq)
+            if positions is None:
+                positions = torch.zeros(row_positions.shape[0], len(seqs), longest,
+                                        dtype=torch.long, device=self.device)
+            embeds[row, longest - n :] = row_embeds
+            positions[:, row, longest - n :] = row_positions.to(self.device)
             mask[row, longest - n :] = 1
+            ids[row, longest - n :] = torch.tensor(seq.prompt_ids, device=self.device)
             seq.length = n
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.position_dims = positions.shape[0]
         cache = DynamicCache(config=self.text_config)
         out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            inputs_embeds=embeds, attention_mask=self.part.attention(mask, ids),
+            position_ids=positions[0] if self.position_dims == 1 else positions,
             past_key_values=cache, use_cache=True,
         )
         logits = self.lm_head(out.last_hidden_state[:, -1, :]).float()
@@ -319,7 +335,9 @@ class TransformersEngine:
 
         last = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=mask.dtype, device=self.device)], 1)
-        positions = torch.tensor([[s.length] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.length + s.offset] for s in seqs], device=self.device)
+        if self.position_dims > 1:  # M-RoPE: the three axes advance together in decode
+            positions = positions[None].expand(self.position_dims, len(seqs), 1)
         out = self.decoder(
             inputs_embeds=self.embed(last), attention_mask=mask, position_ids=positions,
             past_key_values=cache, use_cache=True,

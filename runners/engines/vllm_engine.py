@@ -33,7 +33,7 @@ from lmm.engine import (
     validate_request,
 )
 from lmm.protocol import EngineOutput, SamplingParams
-from lmm.transfer import from_wire
+from lmm.families.llava import collapse_image_tokens  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,27 @@ class VLLMEngine:
         self.fault_hooks = fault_hooks  # test only: what fault_next_step needs in vLLM's worker
         self.metrics = metrics or UNOBSERVED
         self.engine = None
+        from lmm.families import family_for
+
+        self.family = family_for(model_path)  # lmm.families: its prompt layout for vLLM
 
     # -- lifecycle -----------------------------------------------------------------------
     def engine_args(self):
         from vllm import AsyncEngineArgs
 
+        takes_images = self.family is None or self.family.takes_images
+        images = dict(
+            # Features computed by the vision runner come in as embeddings; raw images never.
+            enable_mm_embeds=True,
+            limit_mm_per_prompt={"image": 0},
+        ) if takes_images else {}
+        extension = ("runners.engines.vllm_worker.FaultAndInspectHooks"
+                     if self.fault_hooks else "runners.engines.vllm_worker.InspectHooks")
+        entry = self._entry()
+        if entry is not None:
+            images.update(dict(entry.vllm_args))  # e.g. Qwen's video limit
+            if entry.vllm_worker_setup:  # a fix the family needs inside vLLM's worker
+                extension += f"For_{entry.name}"
         return AsyncEngineArgs(
             # The API service tokenizes and detokenizes (detokenize=False per request), but the
             # tokenizer stays loaded: vLLM's multimodal processor needs it to place embeddings.
@@ -92,15 +108,19 @@ class VLLMEngine:
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
             quantization=self.quantization,
-            # Features computed by the vision runner come in as embeddings; raw images never.
-            enable_mm_embeds=True,
-            limit_mm_per_prompt={"image": 0},
+            **images,
             disable_log_stats=False,
             enable_log_requests=False,
             # What the worker has loaded (loaded_parameters), and test-only fault injection.
-            worker_extension_cls=("runners.engines.vllm_worker.FaultAndInspectHooks"
-                                  if self.fault_hooks else "runners.engines.vllm_worker.InspectHooks"),
+            worker_extension_cls=extension,
         )
+
+    def _entry(self):
+        """The family's registry entry (lmm.families.REGISTRY): what it needs of vLLM."""
+        from lmm.families import REGISTRY
+
+        name = getattr(self.family, "name", None)
+        return next((e for e in REGISTRY if e.name == name), None)
 
     def _check_platform(self) -> None:
         if self.device.startswith("cuda:"):
@@ -141,7 +161,6 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from lmm.engine import read_generation_info
-
         self._check_platform()
         info = read_generation_info(self.model_path)
         self.image_token_id, self.hidden_size, self.eos_ids = (
@@ -218,20 +237,15 @@ class VLLMEngine:
 
         if self.engine is None:
             raise RuntimeError("the vLLM engine is not running")
-        validate_request(prompt_token_ids, image_features, params, self.image_token_id,
-                         self.hidden_size, self.max_model_len)
-        if image_features is None or not image_features.size:
-            prompt: dict = {"prompt_token_ids": list(prompt_token_ids)}
-        else:
-            # One [tokens, hidden] block per image, stacked (a 2-D tensor would be taken for an
-            # image, and images are not accepted), and one placeholder per image in the prompt.
-            prompt = {
-                "prompt_token_ids": collapse_image_tokens(
-                    prompt_token_ids, self.image_token_id, image_features.shape[1]),
-                # In the dtype sent (lmm.transfer): vLLM casts them to its model's dtype itself,
-                # on its device, where it merges them into the prompt's embeddings.
-                "multi_modal_data": {"image": from_wire(image_features)},
-            }
+        images = validate_request(prompt_token_ids, image_features, params,
+                                  self.image_token_id, self.hidden_size, self.max_model_len,
+                                  self.family.takes_images)
+        # The family's prompt: its placeholders as vLLM's processor wants them, features as
+        # image embeddings in the dtype sent (lmm.transfer: vLLM casts them on its device).
+        try:
+            prompt = self.family.vllm_prompt(list(prompt_token_ids), images)
+        except NotImplementedError as exc:  # what vLLM cannot take for this family
+            raise ValueError(str(exc)) from None
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         sampling = self.sampling_params(params)
         self._admission.enter()  # EngineOverloaded when max_waiting already wait
@@ -320,28 +334,3 @@ def request_error(out, finish: str) -> str:
     if error is not None:
         return f"RequestError: {error.code}: {error.message}"
     return f"RequestError: vLLM finished the sequence with finish_reason={finish}"
-
-
-def collapse_image_tokens(ids: list[int], image_token_id: int, per_image: int) -> list[int]:
-    """One image token per image, as vLLM's multimodal processor wants its prompt.
-
-    The API service expands each image to its ``per_image`` tokens (the HF processor does), and
-    vLLM expands every image placeholder it finds again: given the expanded prompt it would
-    replace the first token of the run and keep the rest as text, so the features would land
-    in the wrong place. Runs are checked: every image is exactly ``per_image`` tokens.
-    """
-    out: list[int] = []
-    run = 0
-    for token in ids:
-        if token == image_token_id:
-            if run % per_image == 0:
-                out.append(token)
-            run += 1
-            continue
-        if run % per_image:
-            raise ValueError(f"an image takes {per_image} prompt tokens; a run of {run} was sent")
-        run = 0
-        out.append(token)
-    if run % per_image:
-        raise ValueError(f"an image takes {per_image} prompt tokens; a run of {run} was sent")
-    return out

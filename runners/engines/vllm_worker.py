@@ -54,3 +54,20 @@ class InspectHooks:
 class FaultAndInspectHooks(FaultHooks, InspectHooks):
     """Both: tests that inject faults still see what was loaded."""
 
+
+
+def __getattr__(name: str):
+    """``<Hooks>For_<family>``: the hooks, after the family's ``vllm_worker_setup`` ran in this
+    worker process (vLLM resolves the name there, before it builds the model)."""
+    import importlib
+
+    base, sep, family = name.partition("For_")
+    if sep and base in ("InspectHooks", "FaultAndInspectHooks"):
+        from lmm.families import REGISTRY
+
+        entry = next((e for e in REGISTRY if e.name == family), None)
+        if entry is not None and entry.vllm_worker_setup:
+            module, _, function = entry.vllm_worker_setup.partition(":")
+            getattr(importlib.import_module(module), function)()
+            return globals()[base]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
