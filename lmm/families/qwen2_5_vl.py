@@ -19,8 +19,8 @@ What differs from LLaVA:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -160,7 +160,7 @@ class Qwen2_5_VLFamily:
         self.merge_size = merge_size
 
     @classmethod
-    def from_pretrained(cls, model_path: str | Path) -> "Qwen2_5_VLFamily":
+    def from_pretrained(cls, model_path: str | Path) -> Qwen2_5_VLFamily:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(model_path))

@@ -131,6 +131,7 @@ def build_config(tokenizer, qwen2_vl: bool = False):
         # head size 32: mrope_section halves of it per (t, h, w), as [16, 24, 24] of 128
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": [4, 6, 6]},
+        # weights large enough that M-RoPE positions and image rows sway the greedy tokens
         initializer_range=0.2,
     )
     if qwen2_vl:

@@ -6,6 +6,8 @@ whole model's generate() on both engines. Qwen2-VL takes the same code path."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from PIL import Image
 from lmm.families import ImageFeatures, ImageInput
 from lmm.families.qwen2_5_vl import PARTS, Qwen2_5_VLFamily, image_tokens
 from models.families import qwen2_5_vl as build_qwen
+from models.families.qwen2_5_vl import build_processor
 
 pytestmark = pytest.mark.unit
 STEPS = 8
@@ -60,6 +63,21 @@ class Checkpoint:
                 return tokens[: i + 1]
         return tokens
 
+    @functools.cached_property
+    def expected(self) -> list[list[int]]:
+        return self.hf_generate()
+
+    @functools.cached_property
+    def vision(self):
+        return self.family.vision(self.path, "cpu", torch.float32)
+
+    @functools.cached_property
+    def features(self) -> list[list[ImageFeatures]]:
+        return encode_all(self)
+
+    def language(self):
+        return self.family.language(self.path, "cpu", torch.float32)
+
     def hf_generate(self) -> list[list[int]]:
         out = []
         with torch.inference_mode():
@@ -78,18 +96,27 @@ class Checkpoint:
         return out
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
-def ckpt(request, tmp_path_factory):
-    qwen2_vl = request.param == "qwen2_vl"
-    path = build_qwen.build(tmp_path_factory.mktemp(request.param), seed=0, qwen2_vl=qwen2_vl)
-    return Checkpoint(path, qwen2_vl)
+@pytest.fixture(scope="module")
+def qwen2_5_vl(tmp_path_factory):
+    return Checkpoint(build_qwen.build(tmp_path_factory.mktemp("qwen2_5_vl"), seed=0), False)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory):
+    path = build_qwen.build(tmp_path_factory.mktemp("qwen2_vl"), seed=0, qwen2_vl=True)
+    return Checkpoint(path, True)
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
+def ckpt(request):
+    """Both architectures: Qwen2-VL runs through the same family code."""
+    return request.getfixturevalue(request.param)
 
 
 def encode_all(ckpt: Checkpoint) -> list[list[ImageFeatures]]:
     """Every image of every prompt in ONE VisionPart.encode call, handed back per prompt."""
-    vision = ckpt.family.vision(ckpt.path, "cpu", torch.float32)
     per_prompt = ckpt.image_inputs()
-    features = vision.encode([im for images in per_prompt for im in images])
+    features = ckpt.vision.encode([im for images in per_prompt for im in images])
     out, start = [], 0
     for images in per_prompt:
         out.append(features[start: start + len(images)])
@@ -175,7 +202,7 @@ def test_image_inputs_split_per_image(ckpt):
 
 
 def test_one_encode_call_equals_the_models_features(ckpt):
-    features = encode_all(ckpt)
+    features = ckpt.features
     assert [[f.embeds.shape for f in fs] for fs in features] == [[], [(64, 64)],
                                                                  [(72, 64), (50, 64)]]
     with torch.inference_mode():
@@ -189,10 +216,9 @@ def test_one_encode_call_equals_the_models_features(ckpt):
 
 
 def test_split_path_batched_equals_hf_generate(ckpt):
-    expected = ckpt.hf_generate()
-    features = encode_all(ckpt)
-    lang = ckpt.family.language(ckpt.path, "cpu", torch.float32)
-    prompts = [(inp["input_ids"][0], fs) for inp, fs in zip(ckpt.inputs, features)]
+    expected = ckpt.expected
+    lang = ckpt.language()
+    prompts = [(inp["input_ids"][0], fs) for inp, fs in zip(ckpt.inputs, ckpt.features)]
     # M-RoPE: image prompts move the next position back (rope delta < 0); text-only: 0
     offsets = [lang.positions(ids, fs)[1] for ids, fs in prompts]
     assert offsets[0] == 0 and offsets[1] < 0 and offsets[2] < offsets[1]
@@ -201,25 +227,25 @@ def test_split_path_batched_equals_hf_generate(ckpt):
     assert any(len(row) == STEPS for row in got)  # not all ended at once
 
 
-def test_split_path_depends_on_mrope_positions_and_feature_rows(ckpt):
+def test_split_path_depends_on_mrope_positions_and_feature_rows(ckpt, monkeypatch):
     """The equality above is not luck: plain 1-D positions, or an image's rows out of order,
     give other tokens on this checkpoint."""
-    expected = ckpt.hf_generate()
-    features = encode_all(ckpt)
-    lang = ckpt.family.language(ckpt.path, "cpu", torch.float32)
-    prompts = [(inp["input_ids"][0], fs) for inp, fs in zip(ckpt.inputs, features)]
+    expected = ckpt.expected
+    lang = ckpt.language()
+    prompts = [(inp["input_ids"][0], fs) for inp, fs in zip(ckpt.inputs, ckpt.features)]
     reversed_rows = [(ids, [ImageFeatures(f.embeds[::-1].copy(), f.meta) for f in fs])
                      for ids, fs in prompts]
     got = split_generate(lang, reversed_rows, STEPS)
     assert got[0] == expected[0] and got[1:] != expected[1:]
-    lang.positions = lambda ids, fs: (torch.arange(len(ids)).view(1, -1), 0)
+    monkeypatch.setattr(lang, "positions",
+                        lambda ids, fs: (torch.arange(len(ids)).view(1, -1), 0))
     got = split_generate(lang, prompts, STEPS)
     assert got[0] == expected[0] and got[1:] != expected[1:]
 
 
 def test_language_part_refuses_mismatched_features(ckpt):
-    features = encode_all(ckpt)
-    lang = ckpt.family.language(ckpt.path, "cpu", torch.float32)
+    features = ckpt.features
+    lang = ckpt.language()
     ids = ckpt.inputs[2]["input_ids"][0]
     with pytest.raises(ValueError, match="image tokens"):
         lang.inputs_embeds(ids, features[2][:1])
@@ -229,7 +255,7 @@ def test_language_part_refuses_mismatched_features(ckpt):
 
 
 def test_vllm_prompt_collapses_each_image_to_one_placeholder(ckpt):
-    features = encode_all(ckpt)
+    features = ckpt.features
     ids = ckpt.inputs[2]["input_ids"][0].tolist()
     prompt = ckpt.family.vllm_prompt(ids, features[2])
     image_id = ckpt.model.config.image_token_id
@@ -242,3 +268,43 @@ def test_vllm_prompt_collapses_each_image_to_one_placeholder(ckpt):
                                                              .tolist(), [])
     with pytest.raises(ValueError, match="takes 72 prompt tokens"):
         ckpt.family.vllm_prompt(ids[: ids.index(image_id) + 10], features[2])
+
+
+def vllm_parameters(model) -> tuple[int, int]:
+    """In vLLM's worker: (vision tower parameters, all parameters)."""
+    visual = sum(p.numel() for p in model.visual.parameters())
+    return visual, sum(p.numel() for p in model.parameters())
+
+
+def test_vllm_generates_from_the_features_as_image_embeds(qwen2_5_vl, monkeypatch):
+    """vLLM 0.32's Qwen2.5-VL takes image_embeds [tokens, hidden] with image_grid_thw
+    [images, 3] and one <|image_pad|> per image; image and video limits 0 load no tower (the
+    tower serves both: with only image 0 vLLM loads it)."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for apply_model
+    ckpt = qwen2_5_vl
+    prompts = [ckpt.family.vllm_prompt(inp["input_ids"][0].tolist(), fs)
+               for inp, fs in zip(ckpt.inputs, ckpt.features)]
+    llm = LLM(model=str(ckpt.path), enable_mm_embeds=True,
+              limit_mm_per_prompt={"image": 0, "video": 0}, dtype="float32", enforce_eager=True,
+              max_model_len=512, max_num_seqs=4, seed=0)
+    try:
+        (visual, total), = llm.apply_model(vllm_parameters)
+        assert visual == 0 and total > 0
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS))
+        assert [list(o.outputs[0].token_ids) for o in outs] == ckpt.expected
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_real_processor_token_counts():
+    """The real checkpoints' image sizes (patch 14, merge 2, 56*56 to 28*28*16384 pixels): an
+    image's tokens are its pixels rounded to multiples of 28, over 28*28."""
+    processor = build_processor(real_sizes=True).image_processor
+    counts = {}
+    for size in [(336, 336), (1024, 768), (64, 64)]:
+        grid = processor(images=[Image.new("RGB", size)], return_tensors="np")["image_grid_thw"]
+        counts[size] = image_tokens(grid[0], 2)
+    assert counts == {(336, 336): 144, (1024, 768): 37 * 27, (64, 64): 4}
