@@ -31,6 +31,10 @@ from lmm.transfer import from_wire, to_wire
 # Qwen2VLForConditionalGeneration), for loading one part alone.
 PARTS = {"vision": ("model.visual",), "language": ("model.language_model", "lm_head")}
 GRID = "image_grid_thw"
+# vLLM engine arguments for features as input: vLLM skips its vision tower only when every
+# modality the tower serves is limited to 0, and Qwen's tower serves images and videos
+# (vllm/model_executor/models/qwen2_5_vl.py: _mark_tower_model(vllm_config, {"image", "video"})).
+VLLM_ENGINE_ARGS = {"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0, "video": 0}}
 
 
 def _load(model_path: str | Path, device: str, dtype):

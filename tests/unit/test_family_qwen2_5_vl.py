@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lmm.families import ImageFeatures, ImageInput
-from lmm.families.qwen2_5_vl import PARTS, Qwen2_5_VLFamily, image_tokens
+from lmm.families.qwen2_5_vl import PARTS, VLLM_ENGINE_ARGS, Qwen2_5_VLFamily, image_tokens
 from models.families import qwen2_5_vl as build_qwen
 from models.families.qwen2_5_vl import build_processor
 
@@ -187,6 +187,15 @@ def test_build_is_the_real_layout(ckpt):
         "model.visual", "model.language_model", "lm_head"}
 
 
+def test_build_is_deterministic_for_a_seed(qwen2_5_vl, tmp_path):
+    again = build_qwen.build(tmp_path / "again", seed=0)
+    other = build_qwen.build(tmp_path / "other", seed=1)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert (again / name).read_bytes() == (qwen2_5_vl.path / name).read_bytes(), name
+    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").stat().st_size < 4 * 2**20
+
+
 def test_image_inputs_split_per_image(ckpt):
     per_prompt = ckpt.image_inputs()
     assert [len(images) for images in per_prompt] == [0, 1, 2]
@@ -287,8 +296,7 @@ def test_vllm_generates_from_the_features_as_image_embeds(qwen2_5_vl, monkeypatc
     ckpt = qwen2_5_vl
     prompts = [ckpt.family.vllm_prompt(inp["input_ids"][0].tolist(), fs)
                for inp, fs in zip(ckpt.inputs, ckpt.features)]
-    llm = LLM(model=str(ckpt.path), enable_mm_embeds=True,
-              limit_mm_per_prompt={"image": 0, "video": 0}, dtype="float32", enforce_eager=True,
+    llm = LLM(model=str(ckpt.path), **VLLM_ENGINE_ARGS, dtype="float32", enforce_eager=True,
               max_model_len=512, max_num_seqs=4, seed=0)
     try:
         (visual, total), = llm.apply_model(vllm_parameters)
