@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import uuid
-from typing import AsyncGenerator
+from typing import Any, AsyncGenerator
 
 import bentoml
 import numpy as np
@@ -83,7 +83,7 @@ class LLM:
         prompt_token_ids: list[int],
         image_features: np.ndarray,
         params: SamplingParams,
-        images: list[dict[str, np.ndarray]] | None = None,
+        images: list[dict[str, Any]] | None = None,  # arrays (pickled as they are)
     ) -> AsyncGenerator[str, None]:
         """Stream one sequence as JSON lines of EngineOutput. Image features come either
         stacked, ``image_features`` [images, tokens, hidden] (families whose images all take the

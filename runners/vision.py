@@ -21,6 +21,7 @@ import bentoml
 import numpy as np
 
 import asyncio
+from typing import Any
 
 from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config
@@ -127,11 +128,12 @@ class VisionEncoder:
         return self.encoder(pixel_values)
 
     @bentoml.api
-    async def encode_images(self, images: list[dict[str, np.ndarray]]
-                            ) -> list[dict[str, np.ndarray]]:
+    async def encode_images(self, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One image's processor outputs per item (``lmm.families.ImageInput.arrays``) -> one
         ``{"embeds": [tokens, hidden], **meta}`` per image, in order, in the model's dtype
-        (bfloat16 as its bits in uint16: lmm.transfer); micro-batched across calls."""
+        (bfloat16 as its bits in uint16: lmm.transfer); micro-batched across calls. The values
+        are numpy arrays (typed Any: BentoML's pickled calls carry them as they are, its schema
+        of nested arrays does not)."""
         from lmm.families import ImageFeatures, ImageInput, features_to_wire
 
         if self.batcher is None:
@@ -139,7 +141,8 @@ class VisionEncoder:
                 raise BadRequest(f"the {self.family.name} model takes no images")
             out = self.encoder(np.stack([im["pixel_values"] for im in images]))
             return features_to_wire([ImageFeatures(f) for f in out])
-        features = await self.batcher.encode([ImageInput(dict(im)) for im in images])
+        inputs = [ImageInput({k: np.asarray(v) for k, v in im.items()}) for im in images]
+        features = await self.batcher.encode(inputs)
         return features_to_wire(features)
 
     @bentoml.api(batchable=True, max_batch_size=_CAPS.max_batch_size,

@@ -134,6 +134,10 @@ class Entry:
 REGISTRY: tuple[Entry, ...] = (
     Entry("llava", ("LlavaForConditionalGeneration",), "lmm.families.llava", "LlavaFamily",
           "LLaVA-1.5 layout: CLIP vision tower + projector + a Llama-family language model"),
+    Entry("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
+          "lmm.families.qwen2_5_vl", "Qwen2_5_VLFamily",
+          "Qwen2.5-VL / Qwen2-VL: dynamic-resolution ViT with patch merger, M-RoPE language model",
+          vllm_args=(("limit_mm_per_prompt", {"image": 0, "video": 0}),)),
     Entry("text", ("*ForCausalLM",), "lmm.families.text", "TextFamily",
           "a text-only decoder LLM (Llama, Qwen2, Mistral, ...): no images"),
 )

@@ -135,11 +135,12 @@ class TransformersEngine:
         self.text_config = part.text_config
         self.position_dims = 1  # 3 once a prefill shows M-RoPE positions
         generation = getattr(part, "generation_config", None)
-        if generation is None:
-            from transformers import GenerationConfig
+        if generation is None:  # the checkpoint's generation_config.json, else config.json
+            from lmm.engine import read_generation_info
 
-            generation = GenerationConfig.from_pretrained(self.model_path)
-        eos = generation.eos_token_id
+            eos = sorted(read_generation_info(self.model_path).eos_ids)
+        else:
+            eos = generation.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.hidden_size = self.text_config.hidden_size
 
