@@ -191,16 +191,28 @@ def test_one_tower_pass_gives_each_image_its_placeholder_count(encoded, family, 
                for feats in per_prompt for f in feats)
 
 
-def test_split_path_equals_generate(ckpt, family, requests, encoded, expected):
+@pytest.fixture(scope="module")
+def language(ckpt, family):
+    part = family.language(ckpt, "cpu", torch.float32)
+    assert part.model.model.vision_tower is None and part.model.model.multi_modal_projector is None
+    return part
+
+
+def test_split_path_equals_generate(language, requests, encoded, expected):
     per_prompt, _ = encoded
-    language = family.language(ckpt, "cpu", torch.float32)
-    assert language.model.model.vision_tower is None
     got = greedy(language, [ids for _, ids, _ in requests], per_prompt, STEPS)
     eos = language.text_config.eos_token_id
     assert [_until_eos(g, eos) for g in got] == expected
     # The features matter: with the image's rows zeroed the prompt continues otherwise.
     blank = [ImageFeatures(np.zeros_like(per_prompt[1][0].embeds))]
     assert _until_eos(greedy(language, [requests[1][1]], [blank], STEPS)[0], eos) != expected[1]
+
+
+def test_features_that_do_not_fit_the_placeholders_are_refused(language, requests, encoded):
+    per_prompt, _ = encoded
+    ids = torch.tensor(requests[2][1])
+    with pytest.raises(ValueError, match="do not match"):  # the model's own check
+        language.inputs_embeds(ids, per_prompt[2][:1])
 
 
 def test_collapse_image_runs_keeps_one_token_per_image():
