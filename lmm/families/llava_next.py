@@ -228,7 +228,13 @@ def allow_vllm_embeds_of_any_length() -> None:
 
 
 class _VllmEmbedsOfAnyLength:
-    """A vLLM worker extension with no calls: naming it applies the fix in the worker."""
+    """A vLLM worker extension: naming it applies the fix in the worker."""
+
+    def lmm_vision_parameters(self) -> int:
+        """Parameters the worker's model holds for the vision part (0: features come in)."""
+        model = self.model_runner.get_model()
+        return sum(p.numel() for name, p in model.named_parameters()
+                   if name.startswith(("vision_tower.", "multi_modal_projector.", "image_newline")))
 
 
 def __getattr__(name: str):
