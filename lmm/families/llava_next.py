@@ -15,6 +15,12 @@ when their lengths differ) and returns them unchanged from ``embed_multimodal``;
 processor (``BaseLlavaMultiModalProcessor._get_prompt_updates`` in ``llava.py``) replaces each
 single ``<image>`` token of the prompt with ``tokens`` of them, ``tokens`` being the embedding's
 length. So the prompt goes to vLLM with each image's run collapsed to one token.
+
+That schema, though, declares no dynamic length, so two images of different sizes in one
+engine step (one prompt or two) fail its check in the worker and the engine dies; an engine for
+this family names ``VLLM_WORKER_EXTENSION`` as vLLM's ``worker_extension_cls``, which marks the
+length dynamic in the worker (``allow_vllm_embeds_of_any_length``). With
+``limit_mm_per_prompt={"image": 0}`` the worker holds no tower, projector or ``image_newline``.
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ class LlavaNextLanguage:
                       ) -> torch.Tensor:
         embeds = self.embed(token_ids)
         if not images:
+            if bool((token_ids == self.image_token_id).any()):
+                raise ValueError("the prompt has image tokens but no image features were sent")
             return embeds
         features = torch_cat_features(images, embeds)
         # The model's own placeholder check (token count == feature rows) and scatter.

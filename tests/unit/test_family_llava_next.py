@@ -213,6 +213,8 @@ def test_features_that_do_not_fit_the_placeholders_are_refused(language, request
     ids = torch.tensor(requests[2][1])
     with pytest.raises(ValueError, match="do not match"):  # the model's own check
         language.inputs_embeds(ids, per_prompt[2][:1])
+    with pytest.raises(ValueError, match="no image features"):
+        language.inputs_embeds(ids, [])
 
 
 def test_collapse_image_runs_keeps_one_token_per_image():
