@@ -20,7 +20,9 @@ That schema, though, declares no dynamic length, so two images of different size
 engine step (one prompt or two) fail its check in the worker and the engine dies; an engine for
 this family names ``VLLM_WORKER_EXTENSION`` as vLLM's ``worker_extension_cls``, which marks the
 length dynamic in the worker (``allow_vllm_embeds_of_any_length``). With
-``limit_mm_per_prompt={"image": 0}`` the worker holds no tower, projector or ``image_newline``.
+``limit_mm_per_prompt={"image": 0}`` the worker holds no tower and no projector (only the
+``image_newline`` vector, a plain parameter vLLM still allocates and the embeddings path never
+reads).
 """
 
 from __future__ import annotations
@@ -238,11 +240,12 @@ def allow_vllm_embeds_of_any_length() -> None:
 class _VllmEmbedsOfAnyLength:
     """A vLLM worker extension: naming it applies the fix in the worker."""
 
-    def lmm_vision_parameters(self) -> int:
-        """Parameters the worker's model holds for the vision part (0: features come in)."""
+    def lmm_vision_parameters(self) -> dict[str, int]:
+        """Parameters the worker's model holds for each vision module (vLLM's names)."""
         model = self.model_runner.get_model()
-        return sum(p.numel() for name, p in model.named_parameters()
-                   if name.startswith(("vision_tower.", "multi_modal_projector.", "image_newline")))
+        roots = ("vision_tower", "multi_modal_projector", "image_newline")
+        return {root: sum(p.numel() for name, p in model.named_parameters()
+                          if name.split(".")[0] == root) for root in roots}
 
 
 def __getattr__(name: str):

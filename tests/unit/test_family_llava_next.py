@@ -270,7 +270,9 @@ def test_vllm_with_image_embeddings_equals_generate(vllm_llm, family, requests, 
     assert [list(o.outputs[0].token_ids) for o in outs] == expected
     # Placeholders re-expanded by vLLM: the prompt it ran is the processor's, token for token.
     assert [list(o.prompt_token_ids) for o in outs] == [ids for _, ids, _ in requests]
-    assert vllm_llm.collective_rpc("lmm_vision_parameters") == [0]  # no tower, no projector
+    # No tower and no projector in vLLM's worker; only the newline vector (hidden size).
+    assert vllm_llm.collective_rpc("lmm_vision_parameters") == [
+        {"vision_tower": 0, "multi_modal_projector": 0, "image_newline": 64}]
 
 
 def test_real_checkpoint_geometry_token_counts():
