@@ -138,6 +138,10 @@ REGISTRY: tuple[Entry, ...] = (
           "lmm.families.qwen2_5_vl", "Qwen2_5_VLFamily",
           "Qwen2.5-VL / Qwen2-VL: dynamic-resolution ViT with patch merger, M-RoPE language model",
           vllm_args=(("limit_mm_per_prompt", {"image": 0, "video": 0}),)),
+    Entry("llava_next", ("LlavaNextForConditionalGeneration",), "lmm.families.llava_next",
+          "LlavaNextFamily",
+          "LLaVA-NeXT (1.6): any-resolution tiles + CLIP tower + projector + image_newline",
+          vllm_worker_setup="lmm.families.llava_next:allow_vllm_embeds_of_any_length"),
     Entry("text", ("*ForCausalLM",), "lmm.families.text", "TextFamily",
           "a text-only decoder LLM (Llama, Qwen2, Mistral, ...): no images"),
 )

@@ -39,7 +39,8 @@ def _builder(name):
 
 # family -> checkpoint builder; (family, backend) pairs served: transformers for every family,
 # vLLM for those whose vLLM path takes image embeddings (and the text family).
-FAMILIES = {"llava": _llava, "text": _builder("text"), "qwen2_5_vl": _builder("qwen2_5_vl")}
+FAMILIES = {"llava": _llava, "text": _builder("text"), "qwen2_5_vl": _builder("qwen2_5_vl"),
+            "llava_next": _builder("llava_next")}
 CASES = [(family, "transformers") for family in FAMILIES] + [
     (family, "vllm") for family in ("llava", "qwen2_5_vl", "text") if family in FAMILIES]
 
