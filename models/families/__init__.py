@@ -1,0 +1,1 @@
+"""Tiny random-weight checkpoints of the served model families, built offline."""
