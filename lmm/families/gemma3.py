@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 # Module roots of each part in the transformers checkpoint (``model.safetensors`` keys). The
-# language model's embedding is tied to ``lm_head``.
+# real checkpoints tie ``lm_head`` to the language model's embedding.
 PARTS = {
     "vision": ("model.vision_tower", "model.multi_modal_projector"),
     "language": ("model.language_model", "lm_head"),

@@ -27,6 +27,9 @@ IMAGE_SIZE = 64
 PATCH = 8
 MM_TOKENS = 16  # 8x8 patches average-pooled 2x2 -> 4x4
 SLIDING_WINDOW = 48  # smaller than a two-image prompt, so the sliding layer's window matters
+# The real checkpoints tie lm_head to the embedding; tied at this size, random weights make greedy
+# decoding repeat the prompt's last token, so a test could not tell a wrong merge or mask apart.
+TIE = False
 
 # The real checkpoint's chat template (google/gemma-3-*-it), verbatim.
 CHAT_TEMPLATE = (
@@ -152,7 +155,7 @@ def build_config(vocab_size: int):
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
         sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"],
         max_position_embeddings=512, pad_token_id=PAD, eos_token_id=[EOS, EOT], bos_token_id=BOS,
-        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=TIE,
     )
     vision = SiglipVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -161,7 +164,7 @@ def build_config(vocab_size: int):
     config = Gemma3Config(
         text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=MM_TOKENS,
         boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE,
-        tie_word_embeddings=True,
+        tie_word_embeddings=TIE,
     )
     config.architectures = ["Gemma3ForConditionalGeneration"]
     return config

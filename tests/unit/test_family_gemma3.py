@@ -91,9 +91,10 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def _split_generate(language, prompts: list[list[int]], features: list[list[ImageFeatures]]
-                    ) -> list[list[int]]:
-    """Left-padded batched prefill + per-row greedy decode, as the transformers engine runs it."""
+def _prefill(language, prompts: list[list[int]], features: list[list[ImageFeatures]],
+             bidirectional: bool = True):
+    """Left-padded batched prefill, as the transformers engine runs it: last-token logits, the
+    cache, the 2-D mask and each row's next position."""
     from transformers import DynamicCache
 
     longest = max(len(ids) for ids in prompts)
@@ -103,21 +104,30 @@ def _split_generate(language, prompts: list[list[int]], features: list[list[Imag
     ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # pad id 0 is no image token
     positions = torch.zeros(len(prompts), longest, dtype=torch.long)
     next_position = []
+    for row, (prompt, images) in enumerate(zip(prompts, features)):
+        t = torch.tensor(prompt)
+        n = len(prompt)
+        embeds[row, longest - n:] = language.inputs_embeds(t, images)
+        mask[row, longest - n:] = 1
+        ids[row, longest - n:] = t
+        pos, offset = language.positions(t, images)
+        assert pos.shape == (1, n)
+        positions[row, longest - n:] = pos[0]
+        next_position.append(n + offset)
+    cache = DynamicCache(config=language.text_config)
+    out = language.decoder(
+        inputs_embeds=embeds, attention_mask=language.attention(mask, ids) if bidirectional else mask,
+        position_ids=positions, past_key_values=cache, use_cache=True,
+    )
+    return language.lm_head(out.last_hidden_state[:, -1]), cache, mask, next_position
+
+
+def _split_generate(language, prompts: list[list[int]], features: list[list[ImageFeatures]]
+                    ) -> list[list[int]]:
+    """Batched prefill, then greedy decode one token per step with per-row positions."""
     with torch.inference_mode():
-        for row, (prompt, images) in enumerate(zip(prompts, features)):
-            t = torch.tensor(prompt)
-            n = len(prompt)
-            embeds[row, longest - n:] = language.inputs_embeds(t, images)
-            mask[row, longest - n:] = 1
-            ids[row, longest - n:] = t
-            pos, offset = language.positions(t, images)
-            assert pos.shape == (1, n)
-            positions[row, longest - n:] = pos[0]
-            next_position.append(n + offset)
-        cache = DynamicCache(config=language.text_config)
-        out = language.decoder(inputs_embeds=embeds, attention_mask=language.attention(mask, ids),
-                               position_ids=positions, past_key_values=cache, use_cache=True)
-        tokens = language.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        logits, cache, mask, next_position = _prefill(language, prompts, features)
+        tokens = logits.argmax(-1)
         generated = [[int(t)] for t in tokens]
         for step in range(1, NEW_TOKENS):
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
@@ -181,6 +191,13 @@ def test_split_path_batched_equals_whole_model_generate(model_dir, hf, pan_and_s
     prompts = [inputs["input_ids"][0].tolist() for inputs, _ in requests]
     for prompt, feats in zip(prompts, per_prompt):  # the prompt has one token per feature row
         assert prompt.count(language.image_token_id) == sum(f.embeds.shape[0] for f in feats)
+
+    # The bidirectional image blocks change what the prompts with images compute.
+    with torch.inference_mode():
+        causal = _prefill(language, prompts, per_prompt, bidirectional=False)[0]
+        both_ways = _prefill(language, prompts, per_prompt)[0]
+    changed = (causal - both_ways).abs().amax(-1) > 1e-4
+    assert changed.tolist() == [n > 0 for n in image_counts]
 
     split = _split_generate(language, prompts, per_prompt)
     eos = set(model.generation_config.eos_token_id)
