@@ -142,6 +142,8 @@ REGISTRY: tuple[Entry, ...] = (
           "LlavaNextFamily",
           "LLaVA-NeXT (1.6): any-resolution tiles + CLIP tower + projector + image_newline",
           vllm_worker_setup="lmm.families.llava_next:allow_vllm_embeds_of_any_length"),
+    Entry("gemma3", ("Gemma3ForConditionalGeneration",), "lmm.families.gemma3", "FAMILY",
+          "Gemma 3: SigLIP tower + pooling projector, image blocks attended both ways"),
     Entry("text", ("*ForCausalLM",), "lmm.families.text", "TextFamily",
           "a text-only decoder LLM (Llama, Qwen2, Mistral, ...): no images"),
 )

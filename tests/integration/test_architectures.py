@@ -62,6 +62,22 @@ def test_the_architecture_check_names_the_supported_ones(llava_dir, t5_dir):
     assert all(name in message for name in GENERATIVE)
 
 
+def test_every_family_of_the_registry_is_supported(tmp_path):
+    """The supported list is the families registry: each family's architectures, and any
+    text-only *ForCausalLM through the text family."""
+    from lmm.families import REGISTRY, family_for
+    from models.families import text
+
+    assert {a for e in REGISTRY for a in e.architectures} == set(GENERATIVE)
+    for name in ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                 "LlavaNextForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                 "LlavaForConditionalGeneration", "*ForCausalLM"):
+        assert name in GENERATIVE
+    path = text.build(tmp_path / "text", seed=0)
+    assert require(path, "llm_model", "x", GENERATIVE) == "LlamaForCausalLM"
+    assert family_for(path).name == "text" and not family_for(path).takes_images
+
+
 def test_an_unsupported_model_is_refused_at_startup(bentoml_home, t5_dir, tmp_path):
     done = models_cli(bentoml_home, "import-hf", str(t5_dir), "--name", "tiny-t5")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -40,7 +40,7 @@ def _builder(name):
 # family -> checkpoint builder; (family, backend) pairs served: transformers for every family,
 # vLLM for those whose vLLM path takes image embeddings (and the text family).
 FAMILIES = {"llava": _llava, "text": _builder("text"), "qwen2_5_vl": _builder("qwen2_5_vl"),
-            "llava_next": _builder("llava_next")}
+            "llava_next": _builder("llava_next"), "gemma3": _builder("gemma3")}
 CASES = [(family, "transformers") for family in FAMILIES] + [
     (family, "vllm") for family in ("llava", "qwen2_5_vl", "text") if family in FAMILIES]
 
@@ -136,7 +136,7 @@ def test_the_answer_equals_the_whole_models_generate(served):
 
 
 def test_model_info_and_models_name_the_architecture_and_family(served):
-    info = httpx.get(served.url + "/model_info", timeout=30).json()
+    info = httpx.post(served.url + "/model_info", timeout=30).json()
     assert info["llm"]["family"] == served.family
     assert info["llm"]["architecture"]
     models = httpx.get(served.url + "/v1/models", timeout=30).json()["data"]
