@@ -38,11 +38,13 @@ def _builder(name):
 
 
 # family -> checkpoint builder; (family, backend) pairs served: transformers for every family,
-# vLLM for those whose vLLM path takes image embeddings (and the text family).
+# vLLM for those whose vLLM path takes image embeddings (and the text family). Gemma 3 is not
+# served with images on vLLM: vLLM 0.32 takes no image embeddings for it (lmm/families/gemma3.py).
 FAMILIES = {"llava": _llava, "text": _builder("text"), "qwen2_5_vl": _builder("qwen2_5_vl"),
             "llava_next": _builder("llava_next"), "gemma3": _builder("gemma3")}
 CASES = [(family, "transformers") for family in FAMILIES] + [
-    (family, "vllm") for family in ("llava", "qwen2_5_vl", "text") if family in FAMILIES]
+    (family, "vllm") for family in ("llava", "qwen2_5_vl", "llava_next", "text")
+    if family in FAMILIES]
 
 
 def png_data_url(image: Image.Image) -> str:
