@@ -104,7 +104,6 @@ class Qwen2_5_VLLanguagePart:
         self.decoder = model.language_model
         self.text_config = model.config.text_config
         self.image_token_id = model.config.image_token_id
-        self.video_token_id = model.config.video_token_id
         self.merge_size = model.config.vision_config.spatial_merge_size
         self.torch = torch
 
@@ -139,9 +138,9 @@ class Qwen2_5_VLLanguagePart:
         torch = self.torch
         ids = token_ids.to(self.device).view(1, -1)
         self._check(ids, images)
-        types = torch.zeros_like(ids, dtype=torch.int)  # as the processor's mm_token_type_ids
-        types[ids == self.image_token_id] = 1
-        types[ids == self.video_token_id] = 2
+        # the processor's mm_token_type_ids for images (1); this family takes no videos, so a
+        # <|video_pad|> in the text stays text instead of asking for a video grid
+        types = (ids == self.image_token_id).int()
         position_ids, deltas = self.model.get_rope_index(
             ids, mm_token_type_ids=types,
             image_grid_thw=_grids(images).to(self.device) if images else None,
