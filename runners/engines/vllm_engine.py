@@ -77,7 +77,10 @@ class VLLMEngine:
         self.engine = None
         from lmm.families import family_for
 
-        self.family = family_for(model_path)  # lmm.families: its prompt layout for vLLM
+        try:  # lmm.families: its prompt layout for vLLM (start() raises why there is none)
+            self.family = family_for(model_path)
+        except ValueError:
+            self.family = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def engine_args(self):
@@ -161,6 +164,10 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from lmm.engine import read_generation_info
+        from lmm.families import family_for
+
+        if self.family is None:
+            self.family = family_for(self.model_path)  # raises: not a served architecture
         self._check_platform()
         info = read_generation_info(self.model_path)
         self.image_token_id, self.hidden_size, self.eos_ids = (
