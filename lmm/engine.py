@@ -32,11 +32,13 @@ class Engine(Protocol):
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        image_features: np.ndarray | None,
+        image_features,
         params: SamplingParams,
     ) -> AsyncIterator[EngineOutput]:
-        """Stream one sequence. ``image_features`` [n_images, tokens, hidden] fill the prompt's
-        image-token positions in order. Closing the iterator aborts the sequence. A request the
+        """Stream one sequence. ``image_features``: the prompt's images in order, a list of
+        ``lmm.families.ImageFeatures`` (features and meta per image), or the stacked
+        [n_images, tokens, hidden] array of a same-size family (None: none); the model's family
+        (``lmm.families``) puts them at the prompt's placeholders. Closing the iterator aborts the sequence. A request the
         engine refuses (too long, features of the wrong shape) raises ValueError; one it cannot
         queue (``max_waiting`` sequences already wait for a batch slot) raises EngineOverloaded,
         both before anything is yielded. A sequence the engine failed (its step raised, the
