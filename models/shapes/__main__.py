@@ -55,14 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_train_lora_args(p: argparse.ArgumentParser) -> None:
-    """Options of `train-lora`, shared with `python -m models train-lora`."""
-    from models.shapes.lora import LORA_DIR
-
-    p.add_argument("--steps", type=int, default=250)
+    """Options of `train-lora`, shared with `python -m models train-lora` (whose other commands
+    should not pay for importing torch: hence no models.shapes.lora import here)."""
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=str(WEIGHTS / "llava"), help="base LLaVA directory")
-    p.add_argument("--out", default=str(LORA_DIR), help="PEFT adapter directory to write")
+    p.add_argument("--out", default=str(WEIGHTS / "lora-terse"),
+                   help="PEFT adapter directory to write")
     p.set_defaults(func=cmd_train_lora)
 
 

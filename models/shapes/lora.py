@@ -71,7 +71,7 @@ def load_with_adapter(adapter_dir: str | Path = LORA_DIR, base_dir: str | Path =
 
 
 def train_lora(
-    steps: int = 250,
+    steps: int = 300,
     seed: int = 0,
     out_dir: str | Path = LORA_DIR,
     *,
