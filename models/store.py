@@ -161,7 +161,7 @@ def check_adapter_base(info: AdapterInfo, base_dir: Path, base_name: str) -> int
         tail = module[module.index("layers."):] if "layers." in module else module.rsplit(
             "language_model.", 1)[-1]
         found = [s for k, s in base_shapes.items()
-                 if "language_model" in k and k.endswith(f"{tail}.weight")]
+                 if "language_model" in k and k.endswith(f".{tail}.weight")]
         if not found:
             raise AdapterError(f"the adapter adapts {module}, which {base_name} doesn't have "
                                "(a different architecture or layer count)")
