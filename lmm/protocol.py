@@ -33,6 +33,9 @@ class SamplingParams(BaseModel):
     seed: Seed | None = None
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra end tokens.")
     ignore_eos: bool = False
+    adapter: str | None = Field(
+        None, description="The served LoRA adapter (config `adapters`) to generate with; "
+        "none: the base model.")
 
 
 class EngineOutput(BaseModel):
