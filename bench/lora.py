@@ -11,9 +11,9 @@ starts), greedy, exactly ``--max-tokens`` tokens (``ignore_eos``), ``--concurren
 flight (each sent as the previous one ends), ``-n`` per run. Two engines of a backend run side
 by side, one without adapters, one with the adapter; runs alternate (no adapters loaded: all
 base; adapter loaded: all base, then half on the adapter) ``--repeats`` times so that all three
-see the same machine state; the table has every run and the median. The transformers engine also reports the CPU seconds of this process per 1000 output
-tokens (its scheduler thread does all the model work here; vLLM's runs in other processes).
-No HTTP and no API service: only the engine's share of the cost.
+see the same machine state; the table has every run and the median. The transformers engine
+also reports the CPU seconds of this process per 1000 output tokens (its scheduler thread does
+all the model work here; vLLM's runs in other processes). No HTTP and no API service: only the engine's share of the cost.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ async def run(engine, jobs, concurrency: int, max_tokens: int, mixed: bool) -> d
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*[one(i, ids, feats) for i, (ids, feats) in enumerate(jobs)])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"mode": "half on the adapter" if mixed else "all base", "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
+    return {"mode": "half on the adapter" if mixed else "all base", "tokens": tokens,
+            "wall_s": wall, "tok_per_s": tokens / wall,
             "cpu_s_per_1k_tokens": 1000 * cpu / tokens}
 
 

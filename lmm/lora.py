@@ -78,7 +78,7 @@ def check_adapter(name: str, path: str | Path, labels: dict[str, str] | None = N
 
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as weights:
         keys = list(weights.keys())
-    outside = sorted({k.rsplit(".lora_", 1)[0] for k in keys
+    outside = sorted({k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in keys
                       if _DECODER not in k or ".lora_" not in k or ".embed_tokens." in k})
     if outside or not keys:
         raise ValueError(
