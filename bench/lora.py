@@ -13,7 +13,8 @@ by side, one without adapters, one with the adapter; runs alternate (no adapters
 base; adapter loaded: all base, then half on the adapter) ``--repeats`` times so that all three
 see the same machine state; the table has every run and the median. The transformers engine
 also reports the CPU seconds of this process per 1000 output tokens (its scheduler thread does
-all the model work here; vLLM's runs in other processes). No HTTP and no API service: only the engine's share of the cost.
+all the model work here; vLLM's runs in other processes). No HTTP and no API service: only the
+engine's share of the cost.
 """
 
 from __future__ import annotations
