@@ -265,8 +265,9 @@ class VLLMEngine:
         sampling = self.sampling_params(params)
         self._admission.enter()  # EngineOverloaded when max_waiting already wait
         added = time.monotonic()
+        lora = self._lora_requests.get(params.adapter)
         stream = self.engine.generate(prompt, sampling, request_id,
-                                      lora_request=self._lora_requests.get(params.adapter))
+                                      **({"lora_request": lora} if lora else {}))
         completion = 0
         first = True
 
