@@ -163,3 +163,26 @@ def test_an_unknown_model_is_a_404_naming_the_served_ones(lora_url, samples):
         error = assert_error(response, 404, "model")
         assert "'ghost'" in error["message"]
         assert repr(BASE) in error["message"] and repr(TEST_ADAPTER) in error["message"]
+
+
+def test_bench_serve_takes_several_models_in_turn(lora_url, tmp_path):
+    """bench/serve.py --model A B: the requests ask A and B in turn; a model the target does
+    not list stops the run (exit 2) naming it."""
+    import subprocess
+
+    from tests.conftest import PY
+
+    def bench(*models: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PY, "bench/serve.py", "--target", f"ours={lora_url}", "--model", *models,
+             "--concurrency", "2", "--mode", "plain", "-n", "4", "--warmup", "0",
+             "--max-tokens", "4", "--out", str(tmp_path / "b.json")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    p = bench(BASE, TEST_ADAPTER)
+    assert p.returncode == 0, p.stderr[-2000:]
+    [level] = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert level["model"] == f"{BASE}+{TEST_ADAPTER}"
+    assert (level["completed"], level["failed"], level["total_output_tokens"]) == (4, 0, 16)
+    p = bench(BASE, "ghost")
+    assert p.returncode == 2 and "ghost" in p.stderr and TEST_ADAPTER in p.stderr, p.stderr
