@@ -11,6 +11,7 @@ vision tower runs in another service and would stay unadapted.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 from lmm.config import LMMConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Base-model label of an adapter's store entry (`python -m models import-adapter --base TAG`).
-BASE_LABEL = "base"
+# Labels of an adapter's store entry that name its base model's tag (`python -m models
+# import-adapter --base TAG` writes base_model).
+BASE_LABELS = ("base_model", "base")
+logger = logging.getLogger(__name__)
 # Where an adapter's LoRA weights may sit: the Llama projections of the language model.
 _DECODER = "language_model."
 
@@ -55,7 +58,8 @@ class AdapterInfo:
 def check_adapter(name: str, path: str | Path, labels: dict[str, str] | None = None,
                   base: str | None = None) -> AdapterInfo:
     """The adapter's PEFT directory, checked: a LoRA of the language model only, of the base
-    model this server serves (by its store name, where the entry names its base)."""
+    model this server serves (``base``, its store tag), where the entry's labels name its base:
+    another name is refused, another version of the same name logged."""
     path = Path(path)
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
@@ -69,11 +73,15 @@ def check_adapter(name: str, path: str | Path, labels: dict[str, str] | None = N
         if config.get(unsupported):
             raise ValueError(f"adapter {name!r}: {unsupported} is set; the engines serve plain "
                              "LoRA (low-rank deltas of linear layers) only")
-    if labels and base and labels.get(BASE_LABEL):
-        want, have = base.partition(":")[0], labels[BASE_LABEL].partition(":")[0]
+    trained_on = next((labels[k] for k in BASE_LABELS if (labels or {}).get(k)), None)
+    if trained_on and base:
+        (want, _, version), (have, _, had) = base.partition(":"), trained_on.partition(":")
         if want != have:
-            raise ValueError(f"adapter {name!r} was trained on {labels[BASE_LABEL]!r}, but this "
+            raise ValueError(f"adapter {name!r} was trained on {trained_on!r}, but this "
                              f"server's LLM is {base!r}; serve it with its own base model")
+        if version and had and "latest" not in (version, had) and version != had:
+            logger.warning("adapter %r was trained on %s; this server's LLM is %s", name,
+                           trained_on, base)
     from safetensors import safe_open
 
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as weights:

@@ -54,7 +54,7 @@ class LLM:
     def __init__(self) -> None:
         from runners.engines import make_engine
 
-        adapters = [check_adapter(name, model.path, dict(model.info.labels), CONFIG.llm_model)
+        adapters = [check_adapter(name, model.path, dict(model.info.labels), str(self.llava.tag))
                     for name, model in stored_adapters(self).items()]
         self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe,
                                   metrics=ENGINE_METRICS, adapters=adapters)

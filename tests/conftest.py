@@ -186,7 +186,7 @@ def test_adapter_tag(bentoml_home, test_adapter_dir) -> str:
     """The test adapter in the session's model store, labelled as import-adapter labels one."""
     code = ("import sys; from pathlib import Path; from models.store import save_to_store; "
             "print(save_to_store(sys.argv[1], Path(sys.argv[2]), "
-            "{'role': 'lora', 'base': 'lmm-shapes-llava:latest'}).tag)")
+            "{'role': 'lora', 'base_model': 'lmm-shapes-llava:latest'}).tag)")
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     out = subprocess.run([PY, "-c", code, TEST_ADAPTER_STORE_NAME, str(test_adapter_dir)],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)

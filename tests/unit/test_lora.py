@@ -42,9 +42,14 @@ def test_other_peft_kinds_are_refused(test_adapter_dir, tmp_path, change, messag
 
 
 def test_an_adapter_of_another_base_or_of_the_vision_tower_is_refused(test_adapter_dir,
-                                                                       tmp_path, llava_dir):
+                                                                       tmp_path, llava_dir,
+                                                                       caplog):
     with pytest.raises(ValueError, match="trained on 'other-llava:1'.*lmm-shapes-llava"):
         check_adapter("t", test_adapter_dir, {"base": "other-llava:1"}, "lmm-shapes-llava:x")
+    with caplog.at_level("WARNING", logger="lmm.lora"):  # same model, other weights: a warning
+        check_adapter("t", test_adapter_dir, {"base_model": "lmm-shapes-llava:1"},
+                      "lmm-shapes-llava:2")
+    assert "trained on lmm-shapes-llava:1" in caplog.text
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
