@@ -157,6 +157,17 @@ def clip_dir() -> Path:
     return WEIGHTS / "clip"
 
 
+# The shipped LoRA adapter (models/shapes/weights/lora-terse: answers in the terse form, see
+# models/shapes/data.py), as `python -m models build` stores it, and its served name in tests.
+TERSE = "shapes-terse"
+TERSE_STORE_TAG = "lmm-shapes-llava-terse:latest"
+
+
+@pytest.fixture(scope="session")
+def terse_dir() -> Path:
+    return WEIGHTS / "lora-terse"
+
+
 # A LoRA adapter made here (random low-rank weights, PEFT's init_lora_weights=False, scaled so
 # that every answer changes): tests of the adapter plumbing compare it with HF's PeftModel.
 TEST_ADAPTER = "test-lora"
