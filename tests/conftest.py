@@ -171,7 +171,6 @@ def terse_dir() -> Path:
 # A LoRA adapter made here (random low-rank weights, PEFT's init_lora_weights=False, scaled so
 # that every answer changes): tests of the adapter plumbing compare it with HF's PeftModel.
 TEST_ADAPTER = "test-lora"
-TEST_ADAPTER_STORE_NAME = "lmm-shapes-llava-test-lora"
 
 
 def make_test_adapter(base_dir: Path, out: Path) -> Path:
@@ -191,14 +190,3 @@ def make_test_adapter(base_dir: Path, out: Path) -> Path:
 def test_adapter_dir(llava_dir, tmp_path_factory) -> Path:
     return make_test_adapter(llava_dir, tmp_path_factory.mktemp("adapter") / TEST_ADAPTER)
 
-
-@pytest.fixture(scope="session")
-def test_adapter_tag(bentoml_home, test_adapter_dir) -> str:
-    """The test adapter in the session's model store, labelled as import-adapter labels one."""
-    code = ("import sys; from pathlib import Path; from models.store import save_to_store; "
-            "print(save_to_store(sys.argv[1], Path(sys.argv[2]), "
-            "{'role': 'lora', 'base_model': 'lmm-shapes-llava:latest'}).tag)")
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    out = subprocess.run([PY, "-c", code, TEST_ADAPTER_STORE_NAME, str(test_adapter_dir)],
-                         cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
