@@ -34,18 +34,18 @@ from lmm.protocol import SamplingParams  # noqa: E402
 ADAPTER = "adapter"
 
 
-def make(backend: str, llava: str, adapter: str | None, seqs: int, rank: int):
+def make(backend: str, llava: str, adapter: str | None, seqs: int, rank: int, threads: int):
     adapters = {ADAPTER: adapter} if adapter else {}
     if backend == "vllm":
         from runners.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(llava, device="cpu", dtype="float32", max_num_seqs=seqs,
                           max_model_len=512, enforce_eager=True, cpu_kvcache_space_gib=1,
-                          torch_threads=1, adapters=adapters, max_lora_rank=rank)
+                          torch_threads=threads, adapters=adapters, max_lora_rank=rank)
     from runners.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(llava, "cpu", "float32", max_num_seqs=seqs, max_model_len=512,
-                              torch_threads=1, adapters=adapters)
+                              torch_threads=threads, adapters=adapters)
 
 
 def prompts(llava: str, count: int):
@@ -95,8 +95,8 @@ async def bench(args) -> list[dict]:
     jobs = prompts(args.llava, args.n)
     results = []
     for backend in args.backend:
-        plain = make(backend, args.llava, None, args.concurrency, rank)
-        lora = make(backend, args.llava, args.adapter, args.concurrency, rank)
+        plain = make(backend, args.llava, None, args.concurrency, rank, args.torch_threads)
+        lora = make(backend, args.llava, args.adapter, args.concurrency, rank, args.torch_threads)
         await plain.start()
         await lora.start()
         try:
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=64, help="requests per run")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="the engines' torch_threads (0: torch's default)")
     parser.add_argument("--json", help="write every run here")
     args = parser.parse_args(argv)
     results = asyncio.run(bench(args))
