@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -98,6 +99,7 @@ class TransformersEngine:
         self.model_path = model_path
         self.adapters = dict(adapters or {})  # served name -> PEFT LoRA directory
         self._lora = None  # PEFT's LoraModel over the decoder, once adapters are loaded
+        self._lora_layers: list = []  # its LoRA layers
         self.adapter_steps = 0  # forward passes that ran adapter rows (with base rows or not)
         self.mixed_steps = 0  # ... of those, passes that also ran base or other adapters' rows
         self.device_name, self.dtype_name = device, dtype
@@ -158,6 +160,9 @@ class TransformersEngine:
             peft_model.load_adapter(path, adapter_name=name, torch_device=str(self.device))
         self._lora = peft_model.base_model
         self._lora.set_adapter([])  # rows without an adapter name run the base weights
+        from peft.tuners.lora import LoraLayer
+
+        self._lora_layers = [m for m in decoder.modules() if isinstance(m, LoraLayer)]
         decoder.eval()
         logger.info("LoRA adapters loaded onto the decoder: %s", ", ".join(self.adapters))
 
@@ -370,7 +375,25 @@ class TransformersEngine:
             return contextlib.nullcontext()
         self.adapter_steps += 1
         self.mixed_steps += len(kinds) > 1
-        return self._lora._enable_peft_forward_hooks(adapter_names=names)
+        return self._adapter_names(names)
+
+    @contextlib.contextmanager
+    def _adapter_names(self, names: list[str]):
+        """PEFT's mixed-batch hook (what ``LoraModel._enable_peft_forward_hooks`` registers: it
+        passes ``adapter_names`` to every LoRA layer's forward), on the layers found at load and
+        removed in ``finally``: PEFT's own context leaves its hooks in place when the forward
+        raises, and the engine goes on after a failed step. The names are checked in
+        ``generate``."""
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+                   for m in self._lora_layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _merge(self, cache, mask, new_cache, new_mask):
         """Stack the running batch and the newly prefilled rows, left-padding the shorter."""

@@ -163,3 +163,34 @@ def test_unknown_adapter_is_refused_with_the_served_names(engine, cases):
     with pytest.raises(ValueError, match=f"adapter 'nope' is not served.*'{TERSE}', "
                                          f"'{TEST_ADAPTER}'"):
         engine.run(first())
+
+
+def test_a_step_that_fails_inside_an_adapter_forward_leaves_later_steps_right(
+        llava_dir, test_adapter_dir, cases):
+    """The transformers engine goes on after a failed step: a forward that raised with adapter
+    rows leaves no adapter names behind for the next steps' rows."""
+    loop = LoopThread()
+    eng = lora_engine("transformers", llava_dir, {TEST_ADAPTER: str(test_adapter_dir)})
+    loop.run(eng.start())
+    try:
+        norm, failed = eng.decoder.norm, []
+        forward = norm.forward
+
+        def fails_once(*args, **kwargs):  # inside the decoder's forward, after the LoRA layers
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("injected inside the forward")
+            return forward(*args, **kwargs)
+
+        norm.forward = fails_once
+        ids, feats, base, adapted = cases[0]
+        adapter = SamplingParams(max_tokens=MAX_TOKENS, adapter=TEST_ADAPTER)
+        [(_, finish, _)] = loop.run(collect(eng, [(ids, feats, adapter, 0)]))
+        assert failed and finish == "abort"
+        assert not any(layer._forward_pre_hooks for layer in eng._lora_layers)
+        again = loop.run(collect(eng, [(ids, feats, SamplingParams(max_tokens=MAX_TOKENS), 0),
+                                       (ids, feats, adapter, 0)]))
+        assert [r[:2] for r in again] == [tuple(base), tuple(adapted)]
+    finally:
+        loop.run(eng.shutdown())
+        loop.close()
