@@ -21,6 +21,7 @@ from lmm import metrics, stats
 from lmm.config import RUNNER_CONNECTION, load_config
 from lmm.engine import EngineOverloaded
 from lmm.errors import BadRequest, TooManyRequests
+from lmm.lora import check_adapter, declare_adapter_models, stored_adapters
 from lmm.protocol import RunnerStats, SamplingParams
 
 CONFIG = load_config()
@@ -46,14 +47,17 @@ ENGINE_METRICS = metrics.EngineMetrics()
     runner_connection=RUNNER_CONNECTION,
     **CONFIG.tracing.service_config(),
 )
+@declare_adapter_models(CONFIG)  # the served LoRA adapters, one store model each
 class LLM:
     llava = bentoml.models.BentoModel(CONFIG.llm_model)
 
     def __init__(self) -> None:
         from runners.engines import make_engine
 
+        adapters = [check_adapter(name, model.path, dict(model.info.labels), str(self.llava.tag))
+                    for name, model in stored_adapters(self).items()]
         self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe,
-                                  metrics=ENGINE_METRICS)
+                                  metrics=ENGINE_METRICS, adapters=adapters)
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
@@ -86,7 +90,8 @@ class LLM:
     ) -> AsyncGenerator[str, None]:
         """Stream one sequence as JSON lines of EngineOutput; features are [images, tokens,
         hidden] (an empty array for none) in float32, float16, or bfloat16 bits as uint16
-        (lmm.transfer), converted to the engine's dtype here."""
+        (lmm.transfer), converted to the engine's dtype here; ``params.adapter`` names the
+        served LoRA adapter to generate with (none: the base model)."""
         features = image_features if image_features.size else None
         stream = self.engine.generate(uuid.uuid4().hex, prompt_token_ids, features, params)
         RUNNING.inc()
