@@ -22,6 +22,7 @@ from lmm.config import load_config
 from lmm.deadlines import CancelOnDisconnect, Deadline
 from lmm.docs_page import DocsPage
 from lmm.errors import BadRequest, ErrorShape, json_error
+from lmm.lora import declare_adapter_models, stored_adapters
 from lmm.metrics import RequestObserver
 from lmm.openai_api import app as openai_app
 from lmm.pipeline import Pipeline, collect, user_messages
@@ -94,6 +95,7 @@ def shaped_errors(handler):
     **CONFIG.tracing.service_config(),
 )
 @bentoml.asgi_app(openai_app, path="/v1")
+@declare_adapter_models(CONFIG)  # the served LoRA adapters (their store entries: /v1/models)
 class LMMService:
     vision = bentoml.depends(VisionEncoder)
     llm = bentoml.depends(LLM)
@@ -119,9 +121,14 @@ class LMMService:
                                                  CONFIG.llm.backend)
         self.embedding_model = ServedModel.from_store(self.clip, self.clip.tag.name,
                                                       "embedding", "transformers")
+        self.adapters = [
+            ServedModel.from_store(model, name, "chat", CONFIG.llm.backend,
+                                   parent=CONFIG.served_model_name)
+            for name, model in stored_adapters(self).items()]
         self.image_tokens = self.pipeline.image_tokens()
-        openai_app.state.serving = OpenAIServing(self.pipeline, self.chat_model,
-                                                 self.embedding_model, self.images, self.metrics)
+        self.serving = OpenAIServing(self.pipeline, self.chat_model, self.embedding_model,
+                                     self.images, self.metrics, adapters=self.adapters)
+        openai_app.state.serving = self.serving
 
     def _observe(self, route: str) -> RequestObserver:
         """One request's metrics (lmm.metrics), from the moment its handler starts."""
@@ -135,8 +142,13 @@ class LMMService:
             messages = user_messages(request.prompt, len(images), request.system_prompt)
             prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
         observer.images(len(images))
+        params = request.sampling().model_copy(update={"adapter": self._model(request).adapter})
         return observer.stream(deadline.bound(self.pipeline.stream(
-            prompt, request.sampling(), request.stop, request.n, observer=observer)))
+            prompt, params, request.stop, request.n, observer=observer)))
+
+    def _model(self, request: GenerateRequest) -> ServedModel:
+        """The chat model (the LLM or one of its adapters) ``model`` names; 404 if none."""
+        return self.chat_model if request.model is None else self.serving.model(request.model)
 
     @bentoml.on_startup
     async def _drain_on_sigterm(self) -> None:
@@ -179,10 +191,11 @@ class LMMService:
 
     async def _generate(self, params: dict, observer: RequestObserver) -> GenerateResponse:
         request = GenerateRequest(**params)
+        model = self._model(request)  # before any work: an unknown model is a 404
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
         texts, reasons, usage = await deadline.run(self._complete(request, deadline, observer))
         return GenerateResponse(
-            model=CONFIG.served_model_name, text=texts[0], finish_reason=reasons[0], usage=usage,
+            model=model.id, text=texts[0], finish_reason=reasons[0], usage=usage,
             completions=[Completion(index=i, text=t, finish_reason=r)
                          for i, (t, r) in enumerate(zip(texts, reasons))],
         )
@@ -197,6 +210,7 @@ class LMMService:
 
     async def _generate_stream(self, params: dict, observer: RequestObserver):
         request = GenerateRequest(**params)
+        self._model(request)  # before any work: an unknown model is a 404
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
         # What fails before the first token is an HTTP status; then an event.
         run = await deadline.run(self._started(request, deadline, observer))
@@ -254,6 +268,7 @@ class LMMService:
             llm=self.chat_model.native(),
             vision=self.chat_model.native(backend="transformers"),
             embedding=self.embedding_model.native(),
+            adapters=[adapter.native_adapter() for adapter in self.adapters],
             image_tokens=self.image_tokens,
             max_tokens_limit=CONFIG.max_tokens_limit,
             max_model_len=CONFIG.llm.max_model_len,
@@ -298,7 +313,9 @@ TAGS = [
     {"name": "OpenAI: chat", "description": "POST /v1/chat/completions, text and image parts."},
     {"name": "OpenAI: completions", "description": "POST /v1/completions (one prompt)."},
     {"name": "OpenAI: embeddings", "description": "POST /v1/embeddings: texts and images."},
-    {"name": "OpenAI: models", "description": "The served chat and embedding models."},
+    {"name": "OpenAI: models",
+     "description": "The served chat models (the LLM and its LoRA adapters) and the embedding "
+     "model."},
 ]
 
 # Outermost first: the request id (on every answer, 401s included); no key, no work (not even

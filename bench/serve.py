@@ -7,7 +7,8 @@
 Every request is a /v1/chat/completions call with ``--images-per-request`` images (data URLs from
 the ``--images`` set, see bench/images.py) and a question, greedy, exactly ``--max-tokens`` output
 tokens (``ignore_eos``, which bento-lmm and vLLM accept); the model is the first one each target's
-/v1/models lists.
+/v1/models lists, or ``--model``'s: with several names the requests take them in turn (request i
+the (i mod k)-th), e.g. a base model and a LoRA adapter, half each.
 
 Load shapes: a concurrency sweep (``--concurrency``: that many requests in flight, each sent as
 the previous one ends) and Poisson arrivals (``--request-rate``, req/s: exponential gaps between
@@ -175,12 +176,15 @@ async def send(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -
 
 
 class Target:
-    def __init__(self, name: str, url: str, client: httpx.AsyncClient):
+    def __init__(self, name: str, url: str, client: httpx.AsyncClient,
+                 models: list[str] | None = None):
         self.name, self.url, self.client = name, url.rstrip("/"), client
-        self.model = ""
+        self.models = list(models or [])  # the requests take them in turn
+        self.model = "+".join(self.models)
 
     async def discover(self) -> None:
-        """The first model of /v1/models; TargetError naming the target if there is none."""
+        """The first model of /v1/models, or checks that it lists every ``--model``;
+        TargetError naming the target if not."""
         where = f"target {self.name} ({self.url})"
         try:
             r = await self.client.get(self.url + "/v1/models", timeout=10)
@@ -191,14 +195,21 @@ class Target:
             raise TargetError(f"{where}: /v1/models answered {r.status_code}: "
                               f"{error_message(r.content)}")
         try:
-            self.model = r.json()["data"][0]["id"]
+            listed = [m["id"] for m in r.json()["data"]]
+            listed[0]
         except (ValueError, KeyError, IndexError, TypeError):
             raise TargetError(f"{where}: /v1/models lists no model: {r.text[:200]!r}") from None
+        missing = [m for m in self.models if m not in listed]
+        if missing:
+            raise TargetError(f"{where}: /v1/models lists no {', '.join(missing)} (it lists "
+                              f"{', '.join(listed)})")
+        self.models = self.models or listed[:1]
+        self.model = "+".join(self.models)
 
-    def body(self, prompt: Prompt, max_tokens: int, stream: bool) -> bytes:
+    def body(self, prompt: Prompt, max_tokens: int, stream: bool, model: str = "") -> bytes:
         parts = [{"type": "image_url", "image_url": {"url": url}} for url in prompt.images]
         body = {
-            "model": self.model,
+            "model": model or self.models[0],
             "messages": [{"role": "user",
                           "content": [*parts, {"type": "text", "text": prompt.question}]}],
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream,
@@ -289,10 +300,11 @@ async def measure(target: Target, batch: list[Prompt], load: Load, stream: bool,
         None if load.kind == "concurrency" else ("inf" if math.isinf(load.value) else load.value),
         "stream" if stream else "plain", args.max_tokens, args.warmup, args.n)
     url = target.url + "/v1/chat/completions"
-    bodies: dict[Prompt, bytes] = {}
-    for prompt in batch:  # encoded before the clock starts; shared by repeated prompts
-        if prompt not in bodies:
-            bodies[prompt] = target.body(prompt, args.max_tokens, stream)
+    bodies: dict[tuple[Prompt, str], bytes] = {}
+    models = [target.models[i % len(target.models)] for i in range(len(batch))]
+    for prompt, model in zip(batch, models):  # encoded before the clock starts; shared
+        if (prompt, model) not in bodies:
+            bodies[prompt, model] = target.body(prompt, args.max_tokens, stream, model)
     limit = int(load.value) if load.kind == "concurrency" else load.max_concurrency
     sem = asyncio.Semaphore(limit or len(batch))
     in_flight = 0
@@ -303,7 +315,7 @@ async def measure(target: Target, batch: list[Prompt], load: Load, stream: bool,
             in_flight += 1
             level.peak_in_flight = max(level.peak_in_flight, in_flight)
             try:
-                return i, await send(target.client, url, bodies[batch[i]], stream)
+                return i, await send(target.client, url, bodies[batch[i], models[i]], stream)
             finally:
                 in_flight -= 1
 
@@ -420,7 +432,7 @@ async def run(args) -> tuple[list[Target], list[Level]]:
                           keepalive_expiry=2)  # under servers' keep-alive (uvicorn's 5 s)
     results: list[Level] = []
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
-        targets = [Target(*spec.split("=", 1), client) for spec in args.target]
+        targets = [Target(*spec.split("=", 1), client, args.model) for spec in args.target]
         for target in targets:
             await target.discover()
             print(f"# {target.name}: {target.url} model {target.model}", file=sys.stderr)
@@ -466,6 +478,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Poisson arrivals at R req/s per level; inf: all at once")
     parser.add_argument("--max-concurrency", type=positive, metavar="C",
                         help="with --request-rate: at most C requests in flight")
+    parser.add_argument("--model", nargs="+", metavar="NAME",
+                        help="models to ask (default: the first of each target's /v1/models); "
+                             "several: the requests take them in turn")
     parser.add_argument("--mode", choices=("stream", "plain", "both"), default="both")
     parser.add_argument("--images", nargs="+", choices=IMAGE_SETS, default=["shapes"],
                         help="image sets, one sweep each (bench/images.py)")

@@ -89,25 +89,38 @@ class ServedModel:
     architecture: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     family: str = ""  # lmm.families: which family serves it ("" for the embedding model)
+    parent: str | None = None  # a LoRA adapter: the served name of the model it adapts
 
     @classmethod
     def from_store(cls, model: Any, id: str, kind: Literal["chat", "embedding"],
-                   backend: str) -> ServedModel:
+                   backend: str, parent: str | None = None) -> ServedModel:
         """From a ``bentoml.Model`` (or anything with its ``tag`` and ``info``)."""
         return cls(id=id, name=model.tag.name, tag=str(model.tag),
                    created=int(model.info.creation_time.timestamp()), kind=kind,
                    backend=backend, labels=dict(model.info.labels),
-                   architecture=str(model.info.metadata.get("architecture", "")),
+                   architecture=str(model.info.metadata.get("architecture", "")), parent=parent,
                    family=_family(str(model.info.metadata.get("architecture", "")), kind))
+
+    @property
+    def adapter(self) -> str | None:
+        """The LoRA adapter the LLM generates with for this model (None: the base model)."""
+        return self.id if self.parent is not None else None
 
     def native(self, backend: str | None = None) -> protocol.ModelCard:
         return protocol.ModelCard(name=self.name, tag=self.tag, backend=backend or self.backend,
                                   architecture=self.architecture, family=self.family,
                                   labels=self.labels)
 
+    def native_adapter(self) -> protocol.AdapterCard:
+        return protocol.AdapterCard(served_name=self.id, parent=self.parent or "",
+                                    **self.native().model_dump())
+
     def openai(self) -> oai.ModelCard:
+        # As vLLM lists models: root is where the weights come from (here their store tag),
+        # parent the base model an adapter adapts (none for a base model).
         return oai.ModelCard(id=self.id, created=self.created, tag=self.tag,
                              version=self.tag.partition(":")[2], kind=self.kind,
+                             root=self.tag, parent=self.parent,
                              architecture=self.architecture, family=self.family)
 
 

@@ -111,11 +111,18 @@ class LLMConfig(ServiceScaling):
         "{0: 20GiB, 1: 20GiB, cpu: 60GiB}.")
     offload_folder: str | None = Field(
         None, description="transformers: where a device_map's disk entries keep their weights.")
+    max_loras: PosInt | None = Field(
+        None, description="vllm, with adapters: distinct LoRA adapters in one batch (default: "
+        "every adapter configured); requests for another wait for a slot.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None, description="vllm, with adapters: the largest adapter rank vLLM allocates for "
+        "(default 16); a served adapter of a higher rank is refused at startup.")
 
     @model_validator(mode="after")
     def _used_by_backend(self) -> "LLMConfig":
         if self.backend != "vllm":
-            unused = [name for name in VLLM_DEFAULTS if getattr(self, name) is not None]
+            unused = [name for name in (*VLLM_DEFAULTS, *LORA_SETTINGS)
+                      if getattr(self, name) is not None]
             if unused:
                 raise ValueError(
                     f"llm.{', llm.'.join(unused)}: used by the vllm backend only; remove "
@@ -199,6 +206,13 @@ class LLMConfig(ServiceScaling):
                 for name, default in VLLM_DEFAULTS.items()}
         return {name: value for name, value in args.items() if value is not None}
 
+    def vllm_lora_args(self, adapters: int) -> dict:
+        """vLLM's LoRA settings for ``adapters`` served adapters (none without adapters)."""
+        if not adapters:
+            return {}
+        return {"max_loras": self.max_loras or adapters,
+                "max_lora_rank": self.max_lora_rank or 16}
+
 
 VLLM_DEFAULTS = {
     "gpu_memory_utilization": 0.9,
@@ -209,6 +223,18 @@ VLLM_DEFAULTS = {
     "quantization": None,
 }
 TRANSFORMERS_ONLY = ("device_map", "max_memory", "offload_folder")
+
+# vLLM only too, and only with adapters configured (LMMConfig checks that).
+LORA_SETTINGS = ("max_loras", "max_lora_rank")
+
+
+class AdapterConfig(_Strict):
+    """A LoRA adapter of the LLM, served as a model of its own (clients pass ``name`` as
+    ``model``); requests for it and for the base model share the engine's batches."""
+
+    name: str = Field(min_length=1, description="The name clients pass as `model`.")
+    model: str = Field(min_length=1, description="Model-store tag of the adapter (a PEFT LoRA "
+                       "directory, e.g. from `python -m models import-adapter`).")
 
 
 class ImageLimits(_Strict):
@@ -283,6 +309,9 @@ class LMMConfig(_Strict):
     images: ImageLimits = ImageLimits()
     auth: AuthConfig = AuthConfig()
     tracing: TracingConfig = TracingConfig()
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list, description="LoRA adapters of the LLM served beside it, each "
+        "chosen per request by its name in `model`.")
 
     @model_validator(mode="after")
     def _fits(self) -> "LMMConfig":
@@ -298,7 +327,28 @@ class LMMConfig(_Strict):
                 and (llm.tensor_parallel_size or 1) > 1):
             raise ValueError(f"device: {self.llm_device()} names one GPU but "
                              "llm.tensor_parallel_size shards over several; set llm.device: cuda")
+        self._check_adapters()
         return self
+
+    def _check_adapters(self) -> None:
+        names = [a.name for a in self.adapters]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapters: {', '.join(twice)} named more than once; give each "
+                             "adapter a name of its own")
+        taken = {self.served_model_name: "served_model_name",
+                 self.clip_model.partition(":")[0]: "the embedding model's name"}
+        for name in names:
+            if name in taken:
+                raise ValueError(f"adapters: {name!r} is already {taken[name]}; name the "
+                                 "adapter differently")
+        unused = [k for k in LORA_SETTINGS if getattr(self.llm, k) is not None]
+        if unused and not self.adapters:
+            raise ValueError(f"llm.{', llm.'.join(unused)}: used only with adapters; remove "
+                             f"{'it' if len(unused) == 1 else 'them'} or configure adapters")
+
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
 
     def resources(self, scaling: ServiceScaling) -> dict:
         res: dict = {"cpu": scaling.cpu, "memory": scaling.memory}

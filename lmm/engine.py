@@ -195,6 +195,14 @@ def read_generation_info(model_path: str | Path) -> GenerationInfo:
     return GenerationInfo(image_token, int(text["hidden_size"]), frozenset(eos_ids))
 
 
+def check_adapter_name(params: SamplingParams, adapters) -> None:
+    """``params.adapter`` is one the engine serves (ValueError: client fault)."""
+    if params.adapter is not None and params.adapter not in adapters:
+        served = ", ".join(map(repr, adapters)) or "none"
+        raise ValueError(f"adapter {params.adapter!r} is not served by this LLM engine "
+                         f"(adapters: {served})")
+
+
 def validate_request(prompt_ids: list[int], images, params: SamplingParams,
                      image_token_id: int | None, hidden_size: int, max_model_len: int,
                      takes_images: bool = True) -> list:

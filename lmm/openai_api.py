@@ -39,7 +39,7 @@ def _respond(result: Any) -> Any:
 
 @router.get("/models", response_model=oai.ModelList, tags=["OpenAI: models"])
 async def list_models(s: OpenAIServing = Depends(serving)) -> oai.ModelList:
-    """The served chat model and the embedding model."""
+    """The served chat models (the LLM and its LoRA adapters) and the embedding model."""
     return s.models()
 
 

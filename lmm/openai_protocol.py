@@ -80,7 +80,8 @@ class ResponseFormat(_Request):
 class SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
-    model: str = Field(description="Must be the server's `served_model_name` (see /v1/models).")
+    model: str = Field(description="The server's `served_model_name`, or one of its LoRA "
+                       "adapters' names (see /v1/models).")
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = Field(None, description="Default 1.0; 0 means greedy.")
     top_p: TopP | None = None
@@ -283,6 +284,9 @@ class ModelCard(BaseModel):
     tag: str = Field(description="Extension: the BentoML model-store tag (name:version).")
     version: str = Field(description="Extension: the store version of the weights.")
     kind: Literal["chat", "embedding"] = Field(description="Extension: what it serves.")
+    root: str | None = Field(None, description="Where the weights come from: their store tag.")
+    parent: str | None = Field(
+        None, description="A LoRA adapter's base model (its `id`); none for a base model.")
     architecture: str = Field("", description="Extension: config.json's architecture.")
     family: str = Field("", description="Extension: the model family serving it (chat).")
 

@@ -33,6 +33,9 @@ class SamplingParams(BaseModel):
     seed: Seed | None = None
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra end tokens.")
     ignore_eos: bool = False
+    adapter: str | None = Field(
+        None, description="The served LoRA adapter (config `adapters`) to generate with; "
+        "none: the base model.")
 
 
 class EngineOutput(BaseModel):
@@ -83,6 +86,13 @@ class ModelCard(BaseModel):
     backend: str
 
 
+class AdapterCard(ModelCard):
+    """A served LoRA adapter of the LLM."""
+
+    served_name: str = Field(description="The name requests pass as `model`.")
+    parent: str = Field(description="The served model it adapts.")
+
+
 class ImageLimitsInfo(BaseModel):
     max_images: int
     max_embed_images: int
@@ -95,6 +105,8 @@ class ModelInfo(BaseModel):
     llm: ModelCard
     vision: ModelCard
     embedding: ModelCard
+    adapters: list[AdapterCard] = Field(
+        default_factory=list, description="LoRA adapters of the LLM, each a `model` of its own.")
     image_tokens: int = Field(description="Prompt tokens one image takes.")
     max_tokens_limit: int
     max_model_len: int
@@ -148,6 +160,9 @@ class GenerateInput(FormInput):
     """Native generate request: a prompt, images (uploads or base64) and sampling parameters."""
 
     prompt: str = Field(description="The user's message; the model's chat template is applied.")
+    model: str | None = _optional(
+        "A served model name (see /model_info or GET /v1/models): the LLM, or one of its LoRA "
+        "adapters; default: the LLM.")
     images: list[Path] = _files("Image files (multipart upload).")
     images_b64: list[str] = Field(
         default_factory=list, description="Images as base64 or data:image/...;base64, URLs."

@@ -13,7 +13,7 @@ import base64
 import re
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import numpy as np
 
@@ -60,11 +60,12 @@ class OpenAIServing:
 
     def __init__(self, pipeline: Pipeline, chat_model: ServedModel,
                  embedding_model: ServedModel, images: ImageDecoder | None = None,
-                 metrics: ApiMetrics | None = None):
+                 metrics: ApiMetrics | None = None, adapters: Sequence[ServedModel] = ()):
         self.pipeline = pipeline
         self.config = pipeline.config
         self.chat_model = chat_model
         self.embedding_model = embedding_model
+        self.adapters = list(adapters)  # LoRA adapters of the chat model, chat models too
         self.images = images or ImageDecoder(self.config.images)
         self.metrics = metrics
 
@@ -74,11 +75,14 @@ class OpenAIServing:
 
     # -- models ------------------------------------------------------------------------
     def models(self) -> oai.ModelList:
-        return oai.ModelList(data=[self.chat_model.openai(), self.embedding_model.openai()])
+        return oai.ModelList(data=[m.openai() for m in (self.chat_model, *self.adapters,
+                                                        self.embedding_model)])
 
-    def model(self, name: str, embedding: bool = False) -> ServedModel:
-        """The served model called ``name`` (for the endpoint at hand); 404 otherwise."""
-        served = [self.chat_model] + ([self.embedding_model] if embedding else [])
+    def model(self, name: str, embedding: bool = False, chat: bool = True) -> ServedModel:
+        """The served model called ``name`` (for the endpoint at hand: chat models, the LLM and
+        its adapters; embedding models); 404 otherwise, naming the served ones."""
+        served = ([self.chat_model, *self.adapters] if chat else [self.chat_model]) + (
+            [self.embedding_model] if embedding else [])
         for model in served:
             if model.id == name:
                 return model
@@ -102,10 +106,15 @@ class OpenAIServing:
 
         return await observer.run(bounded())
 
+    def sampling(self, request: oai.SamplingRequest):
+        """The request's sampling, with the adapter its ``model`` names (404: no such model)."""
+        adapter = self.model(request.model).adapter
+        params, stop, n = request.sampling(self.config)
+        return params.model_copy(update={"adapter": adapter}), stop, n
+
     async def _chat(self, request: oai.ChatCompletionRequest, deadline: Deadline,
                     observer: RequestObserver):
-        self.model(request.model)
-        params, stop, n = request.sampling(self.config)
+        params, stop, n = self.sampling(request)
         messages, refs = to_hf_messages(request.messages)
         with observer.preprocessing():
             images = await self.images.decode(refs, self.config.images.max_images)
@@ -127,8 +136,7 @@ class OpenAIServing:
 
     async def _completion(self, request: oai.CompletionRequest, deadline: Deadline,
                           observer: RequestObserver):
-        self.model(request.model)
-        params, stop, n = request.sampling(self.config)
+        params, stop, n = self.sampling(request)
         with observer.preprocessing():
             prompt = await asyncio.to_thread(
                 self.pipeline.build_prompt, user_messages(request.single_prompt(), 0), [])
@@ -146,7 +154,7 @@ class OpenAIServing:
     def _head(self, prefix: str, request: oai.SamplingRequest) -> dict:
         """The fields every completion object and chunk of one run share."""
         return dict(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
-                    model=request.model, system_fingerprint=self.chat_model.tag)
+                    model=request.model, system_fingerprint=self.model(request.model).tag)
 
     # -- embeddings --------------------------------------------------------------------
     async def embeddings(self, request: oai.EmbeddingRequest) -> oai.EmbeddingResponse:
@@ -156,7 +164,8 @@ class OpenAIServing:
 
     async def _embeddings(self, request: oai.EmbeddingRequest,
                           observer: RequestObserver) -> oai.EmbeddingResponse:
-        self.model(request.model, embedding=True)  # the chat model's name embeds with CLIP too
+        # The chat model's name embeds with CLIP too; an adapter's does not (CLIP has none).
+        self.model(request.model, embedding=True, chat=False)
         items = [request.input] if isinstance(request.input, str) else request.input
         if not items:
             raise BadRequest("input is empty; send at least one text or image.", "input")

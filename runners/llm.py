@@ -21,6 +21,7 @@ from lmm import metrics, stats
 from lmm.config import RUNNER_CONNECTION, load_config
 from lmm.engine import EngineOverloaded
 from lmm.errors import BadRequest, TooManyRequests
+from lmm.lora import check_adapter, declare_adapter_models, stored_adapters
 from lmm.protocol import RunnerStats, SamplingParams
 
 CONFIG = load_config()
@@ -46,14 +47,17 @@ ENGINE_METRICS = metrics.EngineMetrics()
     runner_connection=RUNNER_CONNECTION,
     **CONFIG.tracing.service_config(),
 )
+@declare_adapter_models(CONFIG)  # the served LoRA adapters, one store model each
 class LLM:
     llava = bentoml.models.BentoModel(CONFIG.llm_model)
 
     def __init__(self) -> None:
         from runners.engines import make_engine
 
+        adapters = [check_adapter(name, model.path, dict(model.info.labels), str(self.llava.tag))
+                    for name, model in stored_adapters(self).items()]
         self.engine = make_engine(CONFIG, self.llava.path, on_batch=BATCH_SIZE.observe,
-                                  metrics=ENGINE_METRICS)
+                                  metrics=ENGINE_METRICS, adapters=adapters)
 
     @bentoml.on_startup
     async def start_engine(self) -> None:
@@ -90,7 +94,9 @@ class LLM:
         same tokens: LLaVA-1.5; an empty array for none), or per image in ``images``: one
         ``{"embeds": [tokens, hidden], **meta}`` each, in prompt order (lmm.families
         ``features_to_wire``), meta such as Qwen's ``image_grid_thw``. Features are float32,
-        float16, or bfloat16 bits as uint16 (lmm.transfer), converted to the engine's dtype."""
+        float16, or bfloat16 bits as uint16 (lmm.transfer), converted to the engine's dtype.
+        ``params.adapter`` names the served LoRA adapter to generate with (none: the base
+        model)."""
         from lmm.families import features_from_wire
 
         if images:

@@ -155,3 +155,38 @@ def llava_dir() -> Path:
 @pytest.fixture(scope="session")
 def clip_dir() -> Path:
     return WEIGHTS / "clip"
+
+
+# The shipped LoRA adapter (models/shapes/weights/lora-terse: answers in the terse form, see
+# models/shapes/data.py), as `python -m models build` stores it, and its served name in tests.
+TERSE = "shapes-terse"
+TERSE_STORE_TAG = "lmm-shapes-llava-terse:latest"
+
+
+@pytest.fixture(scope="session")
+def terse_dir() -> Path:
+    return WEIGHTS / "lora-terse"
+
+
+# A LoRA adapter made here (random low-rank weights, PEFT's init_lora_weights=False, scaled so
+# that every answer changes): tests of the adapter plumbing compare it with HF's PeftModel.
+TEST_ADAPTER = "test-lora"
+
+
+def make_test_adapter(base_dir: Path, out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+    config = LoraConfig(r=8, lora_alpha=32, init_lora_weights=False, target_modules=(
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_adapter_dir(llava_dir, tmp_path_factory) -> Path:
+    return make_test_adapter(llava_dir, tmp_path_factory.mktemp("adapter") / TEST_ADAPTER)
+

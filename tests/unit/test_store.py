@@ -36,12 +36,12 @@ def test_build_is_idempotent_and_versions_follow_the_weights(tmp_path, llava_dir
     assert "lmm-shapes-llava:" in first.stdout and "lmm-shapes-clip:" in first.stdout
     again = run_models(home, "build", "--weights", str(weights))
     assert "already in the store" in again.stderr
-    assert store_listing(home).count("lmm-shapes-llava") == 1
+    assert store_listing(home).count("lmm-shapes-llava:") == 1
 
     config = weights / "llava" / "generation_config.json"
     config.write_text(config.read_text().replace("}", ', "bento_lmm_test": 1}', 1))
     run_models(home, "build", "--weights", str(weights))
-    assert store_listing(home).count("lmm-shapes-llava") == 2
+    assert store_listing(home).count("lmm-shapes-llava:") == 2
 
 
 def test_entries_carry_labels_and_metadata(bentoml_home, llava_dir):
