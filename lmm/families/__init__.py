@@ -15,6 +15,13 @@ The split path is the same for every family:
   build a prompt's input embeddings, positions and attention; on vLLM ``Family.vllm_prompt``
   makes the prompt dict vLLM takes (embeddings as ``multi_modal_data``, never pixels).
 
+The families this build serves are ``REGISTRY`` (below): ``family_for(model_path)`` picks one
+from the checkpoint's config.json ``architectures`` and ``lmm.architectures`` refuses any other at
+startup. What travels: LLaVA-1.5's images all take the same tokens, so its pixels and features
+stay stacked arrays (BentoML's adaptive batching); every other family's go per image, as a list
+of ``{"embeds": ..., **meta}`` arrays (``features_to_wire``), which BentoML's runner clients pickle
+as they are.
+
 A family reuses the model's own code (its ``get_image_features``, its position and mask logic)
 rather than re-writing it, so greedy tokens from the split path equal the whole model's
 ``generate()``.
