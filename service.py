@@ -52,9 +52,11 @@ def _check_models() -> None:
 
     from lmm.architectures import UnsupportedModel, check_models
 
+    llava, clip = LLM.inner.llava.stored, VisionEncoder.inner.clip.stored
+    if llava is None or clip is None:  # not in this store: BentoML says so where it needs them
+        return
     try:
-        check_models(LLM.inner.llava.resolve().path, CONFIG.llm_model,
-                     VisionEncoder.inner.clip.resolve().path, CONFIG.clip_model)
+        check_models(llava.path, CONFIG.llm_model, clip.path, CONFIG.clip_model)
     except UnsupportedModel as exc:
         raise InvalidArgument(str(exc)) from None
 
