@@ -119,6 +119,24 @@ class Family(Protocol):
         collapsed where it expands them itself) and ``multi_modal_data`` with embeddings."""
 
 
+def load_whole_keeping(model_path: str | Path, keep: str, parts: Mapping[str, Sequence[str]],
+                       device, dtype):
+    """The checkpoint loaded whole (``from_pretrained``), then every module root of the parts
+    other than ``keep`` set to None (the other runner holds them), in eval mode on ``device``.
+    ``parts`` is a family's ``PARTS``: part -> module roots (``lmm.loading`` reads only a part's
+    tensors, for LLaVA-1.5)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=dtype)
+    for part, roots in parts.items():
+        if part == keep:
+            continue
+        for root in roots:
+            owner, _, attr = root.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, None)
+    return model.eval().to(device)
+
+
 # -- the registry ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from lmm.families import ImageFeatures, ImageInput
+from lmm.families import ImageFeatures, ImageInput, load_whole_keeping
 from lmm.transfer import from_wire, to_wire
 
 if TYPE_CHECKING:
@@ -58,22 +58,13 @@ VLLM_UNSUPPORTED = (
 )
 
 
-def _load(model_path: str | Path, device: str, dtype: "torch.dtype"):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=dtype)
-    return model.eval().to(device)
-
-
 class Gemma3Vision:
     """SigLIP tower + pooling projector: [crops, 3, S, S] pixels per image -> its features."""
 
     def __init__(self, model_path: str | Path, device: str, dtype: "torch.dtype"):
         import torch
 
-        model = _load(model_path, device, dtype)
-        model.model.language_model = None  # lives in the LLM runner
-        model.lm_head = None
+        model = load_whole_keeping(model_path, "vision", PARTS, device, dtype)
         self.model = model
         self.config = model.config
         self.device, self.dtype = torch.device(device), dtype
@@ -107,9 +98,7 @@ class Gemma3Language:
     def __init__(self, model_path: str | Path, device: str, dtype: "torch.dtype"):
         import torch
 
-        model = _load(model_path, device, dtype)
-        model.model.vision_tower = None  # lives in the vision runner
-        model.model.multi_modal_projector = None
+        model = load_whole_keeping(model_path, "language", PARTS, device, dtype)
         self.model = model
         self.config = model.config
         self.text_config = model.config.get_text_config()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmm.families import ImageFeatures, ImageInput
+from lmm.families import ImageFeatures, ImageInput, load_whole_keeping
 from lmm.transfer import from_wire, to_wire
 
 if TYPE_CHECKING:
@@ -44,13 +44,6 @@ PARTS = {
     "vision": ("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
     "language": ("model.language_model", "lm_head"),
 }
-
-
-def _load(model_path: str | Path, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=dtype)
-    return model.eval().to(device)
 
 
 def num_crops(image_size: Sequence[int], config) -> int:
@@ -71,9 +64,7 @@ class LlavaNextVision:
     def __init__(self, model_path: str | Path, device: str, dtype: torch.dtype):
         import torch
 
-        model = _load(model_path, device, dtype)
-        model.model.language_model = None  # lives in the LLM runner
-        model.lm_head = None
+        model = load_whole_keeping(model_path, "vision", PARTS, device, dtype)
         self.model = model
         self.config = model.config
         self.device, self.dtype = torch.device(device), dtype
@@ -102,9 +93,7 @@ class LlavaNextLanguage:
     """The Llama (or Mistral, ...) decoder and head; features replace the ``<image>`` rows."""
 
     def __init__(self, model_path: str | Path, device: str, dtype: torch.dtype):
-        model = _load(model_path, device, dtype)
-        model.model.vision_tower = None  # lives in the vision runner
-        model.model.multi_modal_projector = None
+        model = load_whole_keeping(model_path, "language", PARTS, device, dtype)
         self.model = model
         self.embed = model.get_input_embeddings()
         self.decoder = model.model.language_model
@@ -199,8 +188,9 @@ class LlavaNextFamily:
             raise ValueError(f"{n_images} image(s), but the processor made {len(pixels)} "
                              f"pixel_values and {len(sizes)} image_sizes")
         return [
-            ImageInput({"pixel_values": np.ascontiguousarray(pixels[i, : num_crops(sizes[i], self.config)]),
-                        "image_sizes": np.ascontiguousarray(sizes[i])})
+            ImageInput({
+                "pixel_values": np.ascontiguousarray(pixels[i, : num_crops(sizes[i], self.config)]),
+                "image_sizes": np.ascontiguousarray(sizes[i])})
             for i in range(n_images)
         ]
 

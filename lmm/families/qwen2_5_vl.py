@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmm.families import ImageFeatures, ImageInput
+from lmm.families import ImageFeatures, ImageInput, load_whole_keeping
 from lmm.transfer import from_wire, to_wire
 
 # Module roots of each part in the HF checkpoint (Qwen2_5_VLForConditionalGeneration and
@@ -35,13 +35,6 @@ GRID = "image_grid_thw"
 # modality the tower serves is limited to 0, and Qwen's tower serves images and videos
 # (vllm/model_executor/models/qwen2_5_vl.py: _mark_tower_model(vllm_config, {"image", "video"})).
 VLLM_ENGINE_ARGS = {"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0, "video": 0}}
-
-
-def _load(model_path: str | Path, device: str, dtype):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(str(model_path), dtype=dtype)
-    return model.eval()
 
 
 def _grids(images: Sequence[ImageFeatures]):
@@ -135,7 +128,6 @@ class Qwen2_5_VLLanguagePart:
 
     def positions(self, token_ids, images: Sequence[ImageFeatures]):
         """[3, L] M-RoPE positions and the rope delta (decode token t sits at L + delta + t)."""
-        torch = self.torch
         ids = token_ids.to(self.device).view(1, -1)
         self._check(ids, images)
         # the processor's mm_token_type_ids for images (1); this family takes no videos, so a
@@ -184,15 +176,12 @@ class Qwen2_5_VLFamily:
                 for p, g in zip(np.split(pixels, bounds), grids)]
 
     def vision(self, model_path: str | Path, device: str, dtype) -> Qwen2_5_VLVisionPart:
-        model = _load(model_path, device, dtype)
-        model.model.language_model = None  # PARTS["language"]
-        model.lm_head = None
-        return Qwen2_5_VLVisionPart(model.to(device), device)
+        model = load_whole_keeping(model_path, "vision", PARTS, device, dtype)
+        return Qwen2_5_VLVisionPart(model, device)
 
     def language(self, model_path: str | Path, device: str, dtype) -> Qwen2_5_VLLanguagePart:
-        model = _load(model_path, device, dtype)
-        model.model.visual = None  # PARTS["vision"]
-        return Qwen2_5_VLLanguagePart(model.model.to(device), model.lm_head.to(device), device)
+        model = load_whole_keeping(model_path, "language", PARTS, device, dtype)
+        return Qwen2_5_VLLanguagePart(model.model, model.lm_head, device)
 
     def collapse(self, token_ids: list[int], images: Sequence[ImageFeatures]) -> list[int]:
         """One ``<|image_pad|>`` per image: each image's run of tokens, checked, becomes one."""
