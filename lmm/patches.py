@@ -10,13 +10,20 @@ each of the three services, the README's soak figures). The fixed ``__call__`` b
 BentoML's, with the timer cancelled when the request ends; what a client sees is unchanged (the
 same 504 at the same time).
 
-The fix is applied only when the middleware has the shape it was written for; otherwise it
+**One span per streamed chunk.** BentoML adds OpenTelemetry's ASGI middleware with its
+defaults, which open a span for every ``send`` and ``receive`` message: a streamed answer of
+1,000 tokens became 1,000 ``http send`` spans in the trace (and as many spans started and ended
+in each of the API and the LLM runner, sampled or not, on the per-token path). The request's
+own server span, which carries its status and timing, is kept; only the per-message spans go.
+
+Each fix is applied only when BentoML's code has the shape it was written for; otherwise it
 leaves BentoML as it is and says so once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 logger = logging.getLogger(__name__)
@@ -51,8 +58,34 @@ async def _timeout_call(self, scope, receive, send) -> None:
         timer.cancel()  # what BentoML's version leaves scheduled, holding the request's context
 
 
+def _without_message_spans(init):
+    def __init__(self, app, *args, exclude_spans=None, **kwargs):
+        init(self, app, *args, exclude_spans=exclude_spans or ["receive", "send"], **kwargs)
+    __init__.lmm_fix = True
+    return __init__
+
+
+def _install_span_fix() -> bool:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    init = OpenTelemetryMiddleware.__init__
+    if getattr(init, "lmm_fix", False):
+        return True
+    if "exclude_spans" not in inspect.signature(init).parameters:
+        logger.warning("OpenTelemetry's ASGI middleware has changed; per-message spans stay")
+        return False
+    _originals["OpenTelemetryMiddleware.__init__"] = init
+    OpenTelemetryMiddleware.__init__ = _without_message_spans(init)
+    return True
+
+
 def install() -> bool:
     """Install the fixes in this process (idempotent); False when BentoML's code has changed."""
+    spans = _install_span_fix()
+    return _install_timeout_fix() and spans
+
+
+def _install_timeout_fix() -> bool:
     from bentoml._internal.server.http import traffic
 
     middleware = traffic.TimeoutMiddleware
