@@ -299,7 +299,10 @@ class LMMConfig(_Strict):
     device: Device = Field("auto", description="Default device of both runners (vision.device "
                            "and llm.device override it): auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    torch_threads: Annotated[int, Ge(0)] = Field(0, description="0: torch's default.")
+    torch_threads: Annotated[int, Ge(0)] = Field(
+        0, description="torch's threads in each runner process; 0: the CPUs this host gives the "
+        "process, split evenly between its runner processes (vision.workers + llm.workers). "
+        "vLLM's CPU worker binds its own cores unless this is set.")
     default_max_tokens: PosInt = 64
     max_tokens_limit: PosInt = 1024
     max_n: PosInt = Field(8, description="Upper bound on n / num_return_sequences.")
@@ -359,11 +362,33 @@ class LMMConfig(_Strict):
     def vision_device(self) -> str:
         return self.vision.device or self.device
 
+    def cpu_threads(self) -> int:
+        """torch's intra-op threads in one runner process: ``torch_threads``, or (0) the CPUs
+        this process may use split evenly between the runner processes that ``bentoml serve``
+        starts on one host, at least 1. torch's own default (every core, in every process)
+        oversubscribes the host: on 2 cores a request took 5x as long (README "Models")."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, usable_cpus() // (self.vision.workers + self.llm.workers))
+
     def llm_device(self) -> str:
         return self.llm.device or self.device
 
     def traffic(self, scaling: ServiceScaling) -> dict:
         return {"timeout": scaling.timeout, "max_concurrency": scaling.max_concurrency}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container's ``cpu`` limit), rounded up."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus or 1)
 
 
 # The inter-service client pool is recreated after `max_requests` (BentoML default 100) while

@@ -51,10 +51,9 @@ class VisionEncoder:
     clip = bentoml.models.BentoModel(CONFIG.clip_model)
 
     def __init__(self) -> None:
-        if CONFIG.torch_threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(CONFIG.torch_threads)
+        torch.set_num_threads(CONFIG.cpu_threads())
         from lmm.device import resolve_device_dtype
         from lmm.families import family_for
 

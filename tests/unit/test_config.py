@@ -123,3 +123,31 @@ def test_adapters_are_checked_and_lora_settings_need_vllm_and_adapters():
         LMMConfig(llm={"backend": "vllm", "max_lora_rank": 8})
     with pytest.raises(ValidationError, match="max_lora_rank"):
         LMMConfig(adapters=[terse], llm={"backend": "vllm", "max_lora_rank": 12})
+
+
+def test_torch_threads_split_the_hosts_cpus_between_the_runners(monkeypatch):
+    from lmm import config as config_module
+
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 16)
+    assert LMMConfig().cpu_threads() == 8  # one vision and one LLM process
+    assert LMMConfig(vision={"workers": 3}, llm={"workers": 1}).cpu_threads() == 4
+    assert LMMConfig(torch_threads=3).cpu_threads() == 3  # set: taken as it is
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 2)
+    assert LMMConfig(vision={"workers": 2}).cpu_threads() == 1  # never 0
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch, tmp_path):
+    import os
+
+    from lmm import config as config_module
+
+    assert 1 <= config_module.usable_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(config_module, "Path", lambda p: quota if p.endswith("cpu.max") else p)
+    quota.write_text("250000 100000\n")  # a 2.5-CPU container limit
+    assert config_module.usable_cpus() == 3
+    quota.write_text("max 100000\n")
+    assert config_module.usable_cpus() == 6
+    quota.unlink()  # no cgroup v2 file
+    assert config_module.usable_cpus() == 6
