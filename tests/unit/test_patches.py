@@ -1,4 +1,5 @@
-"""lmm.patches: BentoML's traffic timeout no longer keeps a finished request's context alive."""
+"""lmm.patches: BentoML's traffic timeout no longer keeps a finished request's context alive,
+and a streamed answer is one server span, not one span per chunk."""
 
 from __future__ import annotations
 
@@ -93,3 +94,38 @@ def test_the_timeout_still_answers_504_in_time():
 def test_install_is_idempotent():
     assert patches.install() and patches.install()
     assert TimeoutMiddleware.__call__ is patches._timeout_call
+
+
+async def streamed(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for i in range(50):
+        await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
+                    "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def spans_of_one_streamed_request(middleware_init=None) -> list[str]:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = OpenTelemetryMiddleware.__new__(OpenTelemetryMiddleware)
+    (middleware_init or OpenTelemetryMiddleware.__init__)(app, streamed, tracer_provider=provider)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/stream")
+    assert r.status_code == 200 and r.text.count("data:") == 50
+    return [span.name for span in exporter.get_finished_spans()]
+
+
+def test_a_streamed_answer_is_one_span_not_one_per_chunk():
+    assert patches.install()
+    assert asyncio.run(spans_of_one_streamed_request()) == ["GET /stream"]
+    # the control: OpenTelemetry's own defaults give a span per message sent
+    original = patches._originals["OpenTelemetryMiddleware.__init__"]
+    names = asyncio.run(spans_of_one_streamed_request(original))
+    assert names.count("GET /stream http send") == 52 and "GET /stream" in names
