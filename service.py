@@ -136,7 +136,7 @@ class LMMService:
         """One request's metrics (lmm.metrics), from the moment its handler starts."""
         return self.metrics.request(route)
 
-    async def _prepare(self, request: GenerateRequest, deadline: Deadline,
+    async def _prepare(self, request: GenerateRequest, model: ServedModel, deadline: Deadline,
                        observer: RequestObserver):
         refs = image_refs(request.images, request.images_b64)
         with observer.preprocessing():
@@ -144,7 +144,7 @@ class LMMService:
             messages = user_messages(request.prompt, len(images), request.system_prompt)
             prompt = await asyncio.to_thread(self.pipeline.build_prompt, messages, images)
         observer.images(len(images))
-        params = request.sampling().model_copy(update={"adapter": self._model(request).adapter})
+        params = request.sampling().model_copy(update={"adapter": model.adapter})
         return observer.stream(deadline.bound(self.pipeline.stream(
             prompt, params, request.stop, request.n, observer=observer)))
 
@@ -175,13 +175,13 @@ class LMMService:
         return await self.pipeline.rank(query if query is not None else images.pop(0), texts,
                                         images, observer=observer)
 
-    async def _complete(self, request: GenerateRequest, deadline: Deadline,
+    async def _complete(self, request: GenerateRequest, model: ServedModel, deadline: Deadline,
                         observer: RequestObserver):
-        return await collect(await self._prepare(request, deadline, observer), request.n)
+        return await collect(await self._prepare(request, model, deadline, observer), request.n)
 
-    async def _started(self, request: GenerateRequest, deadline: Deadline,
+    async def _started(self, request: GenerateRequest, model: ServedModel, deadline: Deadline,
                        observer: RequestObserver):
-        return await primed(await self._prepare(request, deadline, observer))
+        return await primed(await self._prepare(request, model, deadline, observer))
 
     # -- APIs ----------------------------------------------------------------------------
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
@@ -195,7 +195,8 @@ class LMMService:
         request = GenerateRequest(**params)
         model = self._model(request)  # before any work: an unknown model is a 404
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
-        texts, reasons, usage = await deadline.run(self._complete(request, deadline, observer))
+        texts, reasons, usage = await deadline.run(
+            self._complete(request, model, deadline, observer))
         return GenerateResponse(
             model=model.id, text=texts[0], finish_reason=reasons[0], usage=usage,
             completions=[Completion(index=i, text=t, finish_reason=r)
@@ -212,10 +213,10 @@ class LMMService:
 
     async def _generate_stream(self, params: dict, observer: RequestObserver):
         request = GenerateRequest(**params)
-        self._model(request)  # before any work: an unknown model is a 404
+        model = self._model(request)  # before any work: an unknown model is a 404
         deadline = Deadline.start(request.timeout, CONFIG.api.timeout)
         # What fails before the first token is an HTTP status; then an event.
-        run = await deadline.run(self._started(request, deadline, observer))
+        run = await deadline.run(self._started(request, model, deadline, observer))
         return StreamingResponse(sse_stream(_native_events(run)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 

@@ -113,7 +113,7 @@ class Pipeline:
         self.processor = processor
         self.family = family
         self.takes_images = family is None or family.takes_images
-        self.stacked = family is None or getattr(family, "stacked", False)
+        self.stacked = family is None or family.stacked
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.clip_processor = clip_processor
         self.vision = vision

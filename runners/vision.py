@@ -17,10 +17,10 @@ requests are encoded together:
 
 from __future__ import annotations
 
+from typing import Any
+
 import bentoml
 import numpy as np
-
-from typing import Any
 
 from lmm import stats
 from lmm.config import RUNNER_CONNECTION, load_config

@@ -102,6 +102,10 @@ class Family(Protocol):
     name: str  # "llava", "llava_next", "qwen2_5_vl", "gemma3", "text"
     architectures: tuple[str, ...]  # config.json architectures it serves
     takes_images: bool
+    # Every image the same shape: the API sends one stacked [N, 3, H, W] array (the vision
+    # runner's ``encode``, BentoML's adaptive batching) and the LLM runner gets ``image_features``
+    # [N, tokens, hidden]; otherwise per image (``encode_images``, ``ImageFeatures``).
+    stacked: bool
 
     def image_inputs(self, processed: Mapping[str, np.ndarray], n_images: int
                      ) -> list[ImageInput]:

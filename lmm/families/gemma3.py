@@ -158,6 +158,7 @@ class Gemma3Family:
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     takes_images = True
+    stacked = False  # images differ in shape: per image
 
     def image_inputs(self, processed: Mapping[str, np.ndarray], n_images: int
                      ) -> list[ImageInput]:

@@ -165,6 +165,7 @@ class LlavaNextFamily:
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
     takes_images = True
+    stacked = False  # images differ in shape: per image
 
     def __init__(self, config) -> None:
         """``config``: the checkpoint's ``LlavaNextConfig`` (pinpoints and tile size say how

@@ -148,6 +148,7 @@ class Qwen2_5_VLFamily:
     name = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
     takes_images = True
+    stacked = False  # images differ in shape: per image
 
     def __init__(self, image_token_id: int | None = None, merge_size: int = 2):
         # Only vllm_prompt needs these; vision() and language() read them from the checkpoint.
