@@ -53,8 +53,11 @@ class BatchCaps(_Strict):
 
     max_batch_size: PosInt = 32
     max_latency_ms: PosInt = Field(
-        10_000,
-        description="Hard limit: requests that cannot meet it get 503, so size it generously.",
+        300_000,
+        description="Hard limit: a request whose encode BentoML's dispatcher predicts to end "
+        "later gets 503. The default is the default timeouts (300 s), so that a deep queue "
+        "under load waits (each request still ends by its deadline) instead of being refused: "
+        "with 10 s, 64 requests in flight on a CPU tower of 1.3 s per image were half refused.",
     )
 
 
