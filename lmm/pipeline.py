@@ -119,9 +119,13 @@ class Pipeline:
         self.vision = vision
         self.llm = llm
         size = config.images.feature_cache_bytes
-        self.cache = FeatureCache(
-            size, on_hits=metrics and metrics.cache_hits.inc,
-            on_misses=metrics and metrics.cache_misses.inc) if size else None
+
+        def cache() -> FeatureCache | None:
+            return FeatureCache(size, on_hits=metrics and metrics.cache_hits.inc,
+                                on_misses=metrics and metrics.cache_misses.inc) if size else None
+
+        self.cache = cache()  # the LLM's image features
+        self.embed_cache = cache()  # CLIP image embeddings (another model: another LRU)
 
     # -- pre-processing ------------------------------------------------------------------
     def check_image_count(self, n: int, embed: bool = False) -> None:
@@ -357,9 +361,16 @@ class Pipeline:
             with observer.preprocessing():
                 pixels = await asyncio.to_thread(
                     self.clip_processor.image_processor, list(images), return_tensors="np")
+            pixel_values = np.asarray(pixels["pixel_values"], np.float32)
+
+            async def call(todo: np.ndarray) -> np.ndarray:
+                return np.asarray(await self._in_batches(self.vision.embed_images, todo),
+                                  np.float32)  # the runner's float32 vectors, exactly
+
             with observer.encoding():
-                result.images = await self._in_batches(
-                    self.vision.embed_images, np.asarray(pixels["pixel_values"], np.float32))
+                vectors = (await call(pixel_values) if self.embed_cache is None
+                           else await self.embed_cache.features(pixel_values, call))
+            result.images = [list(map(float, v)) for v in vectors]
         return result
 
     async def rank(self, query: str | Image.Image, texts: Sequence[str],

@@ -1,7 +1,8 @@
 """The API's image-feature cache on a real server (images.feature_cache_bytes on): a repeated
 image is encoded once, by the vision runner's own count, and answered exactly as the first
 time; a request mixing cached and new images sends only the new ones; concurrent requests with
-one new image encode it once; and the hit/miss counters on /metrics say the same."""
+one new image encode it once; CLIP image embeddings (/embed) are cached the same way, apart from
+the LLM's features of the same pixels; and the hit/miss counters on /metrics say the same."""
 
 from __future__ import annotations
 
@@ -48,6 +49,19 @@ def generate(url: str, question: str, *images: bytes) -> dict:
 def encoded(metrics: dict) -> float:
     """Images the vision runner's encode API has run, over all its workers."""
     return metrics.get(("lmm_vision_batch_size_sum", (("api", "encode"),)), 0.0)
+
+
+def embedded(metrics: dict) -> float:
+    """Images the vision runner's CLIP embed_images API has run."""
+    return metrics.get(("lmm_vision_batch_size_sum", (("api", "embed_images"),)), 0.0)
+
+
+def embed(url: str, *images: bytes) -> list[list[float]]:
+    r = httpx.post(url + "/embed", timeout=120,
+                   files=[("images", (f"{i}.png", image, "image/png"))
+                          for i, image in enumerate(images)])
+    assert r.status_code == 200, r.text
+    return r.json()["image_embeddings"]
 
 
 def test_a_repeated_image_is_encoded_once_and_answered_the_same(cached):
@@ -100,3 +114,22 @@ def test_concurrent_requests_with_one_new_image_encode_it_once(cached):
     assert len({a["text"] for a in answers}) == 1
     assert delta(before, after, "lmm_image_cache_misses_total") == 1
     assert delta(before, after, "lmm_image_cache_hits_total") == 7
+
+
+def test_a_repeated_image_is_embedded_once_and_gets_the_same_vector(cached):
+    url = cached.url
+    a, b, c = (png(s.image) for s in make_samples(3, seed=HELD_OUT_SEED + 10))
+    before = scrape(url)
+    first = embed(url, a, b)
+    middle = scrape(url)
+    assert embedded(middle) - embedded(before) == 2
+    again = embed(url, b, c, a)  # b and a from the cache, c new
+    after = scrape(url)
+    assert embedded(after) - embedded(middle) == 1
+    assert again[0] == first[1] and again[2] == first[0]  # the very same vectors
+    assert len(again[1]) == len(first[0]) and again[1] != first[0]
+    assert delta(before, after, "lmm_image_cache_misses_total") == 3
+    assert delta(before, after, "lmm_image_cache_hits_total") == 2
+    # the LLM's features of the same pixels are another model's: a chat with ``a`` encodes it
+    generate(url, "Describe the image.", a)
+    assert encoded(scrape(url)) - encoded(after) == 1
