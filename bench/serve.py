@@ -14,7 +14,8 @@ Load shapes: a concurrency sweep (``--concurrency``: that many requests in fligh
 the previous one ends) and Poisson arrivals (``--request-rate``, req/s: exponential gaps between
 request starts from a seeded RNG, the same schedule for every target; ``inf`` sends all at once;
 ``--max-concurrency`` caps the requests in flight). Each load runs non-streamed, streamed or both
-(``--mode``). A level is one (image set, load, mode); for each level every target gets
+(``--mode``), or, with ``--mode embed``, as /v1/embeddings requests of the same images (bento-lmm's
+CLIP image embeddings; img/s and latency, no tokens). A level is one (image set, load, mode); for each level every target gets
 ``--warmup`` untimed requests, then ``-n`` timed ones, one target after another, so they see the
 same machine state. The ratios between targets in one run are what the figures are for.
 
@@ -176,6 +177,26 @@ async def send(client: aiohttp.ClientSession, url: str, body: bytes, stream: boo
         return Outcome(False, message=f"{type(exc).__name__}: {exc}"[:300])
 
 
+async def send_embed(client: aiohttp.ClientSession, url: str, body: bytes, images: int
+                     ) -> Outcome:
+    """One /v1/embeddings request of ``images`` images; failures are returned, not raised."""
+    started = time.perf_counter()
+    try:
+        async with client.post(url, data=body, headers=JSON_HEADERS) as r:
+            raw = await r.read()
+        latency = time.perf_counter() - started
+        if r.status != 200:
+            return Outcome(False, status=r.status, message=error_message(raw))
+        data = json.loads(raw).get("data") or []
+        if len(data) != images or not all(d.get("embedding") for d in data):
+            return Outcome(False, status=200,
+                           message=f"answer has {len(data)} embeddings for {images} images")
+        return Outcome(True, latency)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
+            TypeError) as exc:  # counted, never hidden
+        return Outcome(False, message=f"{type(exc).__name__}: {exc}"[:300])
+
+
 # --- targets and levels -------------------------------------------------------------------------
 
 
@@ -223,6 +244,11 @@ class Target:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()
 
+    def embed_body(self, prompt: Prompt, model: str = "") -> bytes:
+        """A /v1/embeddings request for the prompt's images (bento-lmm's image inputs)."""
+        return json.dumps({"model": model or self.models[0],
+                           "input": [{"image": url} for url in prompt.images]}).encode()
+
 
 @dataclass
 class Load:
@@ -249,7 +275,7 @@ class Level:
     load: str  # "concurrency" or "request_rate"
     concurrency: int | None  # requests in flight (request_rate: the --max-concurrency cap)
     request_rate: float | str | None  # req/s, "inf" for all at once; None for concurrency
-    mode: str  # "plain" or "stream"
+    mode: str  # "plain", "stream" or "embed" (/v1/embeddings of the images)
     max_tokens: int
     warmup: int
     requests: int
@@ -278,7 +304,8 @@ def summarize(level: Level, outcomes: list[tuple[int, Outcome]], duration: float
     level.completed, level.failed = len(done), len(outcomes) - len(done)
     level.errors = [{"request": i, "status": o.status, "message": o.message}
                     for i, o in outcomes if not o.ok][:keep_errors]
-    level.short_outputs = sum(o.output_tokens < level.max_tokens for o in done)
+    if level.mode != "embed":
+        level.short_outputs = sum(o.output_tokens < level.max_tokens for o in done)
     level.tokens_from = "+".join(sorted({o.tokens_from for o in done})) or "usage"
     level.duration_s = duration
     level.total_output_tokens = sum(o.output_tokens for o in done)
@@ -296,20 +323,22 @@ def summarize(level: Level, outcomes: list[tuple[int, Outcome]], duration: float
     return level
 
 
-async def measure(target: Target, batch: list[Prompt], load: Load, stream: bool, args,
+async def measure(target: Target, batch: list[Prompt], load: Load, mode: str, args,
                   images: str) -> Level:
     """--warmup untimed then -n timed requests of ``batch`` (warmup first) at ``load``."""
     level = Level(
         target.name, target.url, target.model, images, args.images_per_request, load.kind,
         int(load.value) if load.kind == "concurrency" else load.max_concurrency,
         None if load.kind == "concurrency" else ("inf" if math.isinf(load.value) else load.value),
-        "stream" if stream else "plain", args.max_tokens, args.warmup, args.n)
-    url = target.url + "/v1/chat/completions"
+        mode, 0 if mode == "embed" else args.max_tokens, args.warmup, args.n)
+    stream = mode == "stream"
+    url = target.url + ("/v1/embeddings" if mode == "embed" else "/v1/chat/completions")
     bodies: dict[tuple[Prompt, str], bytes] = {}
     models = [target.models[i % len(target.models)] for i in range(len(batch))]
     for prompt, model in zip(batch, models):  # encoded before the clock starts; shared
         if (prompt, model) not in bodies:
-            bodies[prompt, model] = target.body(prompt, args.max_tokens, stream, model)
+            bodies[prompt, model] = (target.embed_body(prompt, model) if mode == "embed" else
+                                     target.body(prompt, args.max_tokens, stream, model))
     limit = int(load.value) if load.kind == "concurrency" else load.max_concurrency
     sem = asyncio.Semaphore(limit or len(batch))
     in_flight = 0
@@ -320,7 +349,10 @@ async def measure(target: Target, batch: list[Prompt], load: Load, stream: bool,
             in_flight += 1
             level.peak_in_flight = max(level.peak_in_flight, in_flight)
             try:
-                return i, await send(target.client, url, bodies[batch[i], models[i]], stream)
+                body = bodies[batch[i], models[i]]
+                if mode == "embed":
+                    return i, await send_embed(target.client, url, body, len(batch[i].images))
+                return i, await send(target.client, url, body, stream)
             finally:
                 in_flight -= 1
 
@@ -401,12 +433,13 @@ def plot(results: list[Level], path: str) -> None:
         for name, points in lines.items():
             at = [xs.index(p.concurrency if kind == "concurrency" else p.request_rate)
                   for p in points]
-            row[0].plot(at, [p.output_tok_per_s for p in points], marker="o", label=name)
+            row[0].plot(at, [p.img_per_s if p.mode == "embed" else p.output_tok_per_s
+                             for p in points], marker="o", label=name)
             if points[0].mode == "stream":
                 row[1].plot(at, [p.ttft_ms["p50"] if p.ttft_ms["p50"] is not None
                                  else float("nan") for p in points], marker="o", label=name)
         xlabel = "concurrency" if kind == "concurrency" else "request rate (req/s)"
-        for ax, ylabel in zip(row, ("output tok/s", "TTFT p50 (ms)")):
+        for ax, ylabel in zip(row, ("output tok/s (embed: img/s)", "TTFT p50 (ms)")):
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
@@ -444,16 +477,16 @@ async def run(args) -> tuple[list[Target], list[Level]]:
             await target.discover()
             print(f"# {target.name}: {target.url} model {target.model}", file=sys.stderr)
         print(TABLE_HEAD, file=sys.stderr, flush=True)  # progress; the table goes to stdout
-        streams = {"plain": [False], "stream": [True], "both": [False, True]}[args.mode]
+        modes = {"both": ["plain", "stream"]}.get(args.mode, [args.mode])
         number = 0  # levels so far: seeds each level's images (bench/images.py)
         for images in args.images:
             for load in sweep:
-                for stream in streams:
+                for mode in modes:
                     batch = prompts(images, args.warmup + args.n, args.images_per_request,
                                     number)
                     number += 1
                     for target in targets:
-                        r = await measure(target, batch, load, stream, args, images)
+                        r = await measure(target, batch, load, mode, args, images)
                         print(table_row(r), file=sys.stderr, flush=True)
                         results.append(r)
     return targets, results
@@ -488,7 +521,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", nargs="+", metavar="NAME",
                         help="models to ask (default: the first of each target's /v1/models); "
                              "several: the requests take them in turn")
-    parser.add_argument("--mode", choices=("stream", "plain", "both"), default="both")
+    parser.add_argument("--mode", choices=("stream", "plain", "both", "embed"), default="both",
+                        help="chat streamed, not streamed, or both; embed: /v1/embeddings of "
+                        "each request's images (bento-lmm's CLIP image embeddings)")
     parser.add_argument("--images", nargs="+", choices=IMAGE_SETS, default=["shapes"],
                         help="image sets, one sweep each (bench/images.py)")
     parser.add_argument("--images-per-request", type=positive, default=1, metavar="K")

@@ -110,6 +110,23 @@ def test_poisson_arrivals_with_two_images_per_request(url, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
+def test_embed_mode_sends_each_requests_images_to_the_embeddings_route(url, tmp_path):
+    out = tmp_path / "embed.json"
+    p = bench("--target", f"ours={url}", "--concurrency", "2", "-n", "6", "--warmup", "1",
+              "--mode", "embed", "--images", "repeat", "--images-per-request", "3",
+              "--out", str(out), "--plot", str(tmp_path / "e.png"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    [r] = json.loads(out.read_text())["results"]
+    assert set(r) == LEVEL_FIELDS and r["mode"] == "embed" and r["max_tokens"] == 0
+    assert (r["requests"], r["completed"], r["failed"], r["errors"]) == (6, 6, 0, [])
+    assert r["img_per_s"] == pytest.approx(3 * 6 / r["duration_s"])
+    assert r["total_output_tokens"] == 0 and r["short_outputs"] == 0
+    check_stats(r["e2e_ms"])
+    assert r["ttft_ms"] is None and r["tpot_ms"] is None and r["itl_ms"] is None
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 class NotOpenAI(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(404)
