@@ -1,7 +1,7 @@
 """Model store commands.
 
     python -m models build                 # the default shapes models (offline)
-    python -m models build-bench           # a random-weight bench-size LLaVA (offline)
+    python -m models build-bench           # a random-weight bench-size LLaVA and CLIP (offline)
     python -m models import-hf ORG/NAME    # a Hugging Face checkpoint (needs the hub)
     python -m models import-hf DIR         # a local checkpoint directory
     python -m models train-lora            # retrain the shipped LoRA adapter (shapes/weights)
@@ -67,7 +67,7 @@ def build_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import tempfile
 
-    from models.bench import BenchSize, save_bench_llava
+    from models.bench import BenchSize, save_bench_clip, save_bench_llava
 
     size = BenchSize(**{field: getattr(args, field) for field in BENCH_SIZE_OPTIONS})
     what = "LLaVA (CLIP tower + Llama) with random weights, for benchmarks"
@@ -88,6 +88,20 @@ def build_bench(args: argparse.Namespace) -> int:
                       "sizes": dataclasses.asdict(size), "parameters": counts},
         )
     print(f"[models]   {model.tag}  {model.path}", flush=True)
+    if args.clip_name:
+        what = "CLIP (the bench LLaVA's tower sizes, a small text tower) with random weights"
+        print(f"[models] {args.clip_name}: {what} ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="lmm-bench-clip-") as scratch:
+            parameters = save_bench_clip(Path(scratch), size, args.seed)
+            progress(f"parameters: {parameters:,}; storing ...")
+            model = save_to_store(
+                args.clip_name, Path(scratch),
+                labels={"source": "bento-lmm/models/bench", "trained": "no",
+                        "weights": "random", "role": "clip"},
+                metadata={"source": "models/bench.py", "description": what, "seed": args.seed,
+                          "sizes": dataclasses.asdict(size), "parameters": parameters},
+            )
+        print(f"[models]   {model.tag}  {model.path}", flush=True)
     return 0
 
 
@@ -141,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--weights", default=str(WEIGHTS), help="folder with llava/ and clip/")
     b.set_defaults(func=build)
     bb = sub.add_parser(
-        "build-bench", help="put a random-weight bench-size LLaVA into the store",
+        "build-bench", help="put a random-weight bench-size LLaVA (and CLIP) into the store",
         description="A seeded random-weight LLaVA (Llama + CLIP tower, heads of 64) with the "
         "shapes tokenizer and chat template; the defaults are the bench model (~100 M-parameter "
         "Llama, ViT-B/16 tower at 224 px). Smaller sizes build a reduced variant.")
-    from models.bench import STORE_NAME, BenchSize
+    from models.bench import CLIP_STORE_NAME, STORE_NAME, BenchSize
 
     defaults = BenchSize()
     for field in BENCH_SIZE_OPTIONS:
@@ -154,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("--seed", type=int, default=0, help="weight initialization seed")
     bb.add_argument("--name", default=STORE_NAME, help=f"store name (default {STORE_NAME})")
     bb.add_argument("--out", help="also keep the saved checkpoint directory here")
+    bb.add_argument("--clip-name", default=CLIP_STORE_NAME,
+                    help=f"store name of the bench CLIP built beside it, with the same tower "
+                    f"sizes (default {CLIP_STORE_NAME}; empty: none)")
     bb.set_defaults(func=build_bench)
     hf = sub.add_parser("import-hf", help="import a Hugging Face checkpoint into the store")
     hf.add_argument("model_id", help="a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local "

@@ -8,6 +8,11 @@ random initialization, saved as float32 safetensors in the llava-hf layout, so b
 (transformers and vLLM) load it like a hub checkpoint. It answers with arbitrary tokens:
 benchmarks ask for fixed lengths with ``ignore_eos``.
 
+Beside it, a bench-size CLIP (``build_bench_clip``): the same random ViT tower as the CLIP image
+tower, a small text tower with the shapes CLIP tokenizer, so that ``/embed`` and the CLIP feature
+cache are measured on an image tower that costs what a real one costs (the shapes CLIP's 64-px
+tower costs less than the request's HTTP handling).
+
 Every size is a parameter (``BenchSize``), so tests build a reduced variant through the same
 code. Attention heads are always 64 wide (vLLM's CPU attention kernels need head size 64).
 """
@@ -23,6 +28,10 @@ from pathlib import Path
 
 HEAD_DIM = 64
 STORE_NAME = "lmm-bench-llava"
+CLIP_STORE_NAME = "lmm-bench-clip"
+CLIP_TEXT = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
+             "num_hidden_layers": 4}  # a small text tower: the image tower is what is measured
+CLIP_PROJECTION = 512
 
 
 @dataclass(frozen=True)
@@ -185,3 +194,49 @@ def save_bench_llava(out_dir: Path, size: BenchSize = BenchSize(), seed: int = 0
     to_llava_hf_layout(out_dir)  # vision_tower.vision_model.*: what vLLM's loader reads
     progress(f"{elapsed()}  saved ({sum(p.stat().st_size for p in out_dir.iterdir()):,} bytes)")
     return counts
+
+
+def build_bench_clip(size: BenchSize = BenchSize(), seed: int = 0):
+    """A randomly initialized CLIP (seeded) whose image tower has the bench LLaVA's vision
+    sizes, with the shapes CLIP tokenizer; and its CLIPProcessor."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+    )
+
+    from models.shapes.build import BOS, CLIP_TEXT_POSITIONS, EOS, PAD, build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)}
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=CLIP_TEXT_POSITIONS,
+        projection_dim=CLIP_PROJECTION, pad_token_id=ids[PAD], bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS], **CLIP_TEXT)
+    config = CLIPConfig(text_config=text.to_dict(),
+                        vision_config=bench_config(size).vision_config.to_dict(),
+                        projection_dim=CLIP_PROJECTION)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).to(torch.float32).eval()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": size.image_size},
+            crop_size={"height": size.image_size, "width": size.image_size},
+        ),
+        tokenizer=tokenizer,
+    )
+    return model, processor
+
+
+def save_bench_clip(out_dir: Path, size: BenchSize = BenchSize(), seed: int = 0) -> int:
+    """Build the bench CLIP and write a ``save_pretrained`` directory; returns its parameter
+    count."""
+    model, processor = build_bench_clip(size, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())

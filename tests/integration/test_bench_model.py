@@ -1,6 +1,7 @@
-"""`python -m models build-bench` puts a (reduced) bench LLaVA into a fresh store, and a real
-`bentoml serve` of it, with the configs README.md shows for each engine, answers a chat request
-with one image with exactly the requested number of tokens (``ignore_eos``)."""
+"""`python -m models build-bench` puts a (reduced) bench LLaVA and CLIP into a fresh store, and
+a real `bentoml serve` of them, with the configs README.md shows for each engine, answers a chat
+request with one image with exactly the requested number of tokens (``ignore_eos``) and embeds
+an image with the bench CLIP."""
 
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ def bench_home(tmp_path_factory):
     assert f"lmm-bench-llava:{version}" in done.stdout
     store_yaml = (home / "models" / "lmm-bench-llava" / version / "model.yaml").read_text()
     assert "role: llava" in store_yaml and "source: bento-lmm/models/bench" in store_yaml
+    clip = (home / "models" / "lmm-bench-clip" / "latest").read_text().strip()
+    assert f"lmm-bench-clip:{clip}" in done.stdout
+    assert "role: clip" in (home / "models" / "lmm-bench-clip" / clip / "model.yaml").read_text()
     return home
 
 
 @pytest.mark.parametrize("backend", list(CONFIGS))
 def test_serves_the_reduced_bench_model(backend, bench_home, tmp_path):
     server = serve(bench_home, tmp_path, config=CONFIGS[backend],
-                   extra=["--arg", "llm_model=lmm-bench-llava:latest"])
+                   extra=["--arg", "llm_model=lmm-bench-llava:latest",
+                          "--arg", "clip_model=lmm-bench-clip:latest"])
     try:
         server.wait_ready(timeout=240)
         info = httpx.post(server.url + "/model_info", json={}, timeout=30).json()
@@ -63,5 +68,9 @@ def test_serves_the_reduced_bench_model(backend, bench_home, tmp_path):
         # One 224-px image is 196 prompt tokens, plus the question and the template's words.
         assert answer["usage"]["prompt_tokens"] > 196, answer
         assert answer["system_fingerprint"].startswith("lmm-bench-llava:"), answer
+        # /embed runs the bench CLIP: its projection, not the shapes CLIP's 64
+        r = httpx.post(server.url + "/embed", json={"images_b64": [png]}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["dim"] == 512 and len(r.json()["image_embeddings"][0]) == 512
     finally:
         server.stop()

@@ -1,7 +1,8 @@
 """The bench-size LLaVA (models/bench.py): the full size is what README.md says (counted on the
 meta device), and a reduced variant built by the same code is reproducible, keeps the shapes
 tokenizer and chat template, and loads in the vision encoder and the transformers engine with
-as many image tokens in the prompt as the tower gives features."""
+as many image tokens in the prompt as the tower gives features; the bench CLIP beside it has the
+same tower sizes."""
 
 from __future__ import annotations
 
@@ -118,3 +119,26 @@ def test_processor_tokens_equal_tower_features_and_the_engine_loads(reduced_dir)
     assert engine.image_token_id == encoder.config.image_token_id
     assert engine.eos_ids == {processor.tokenizer.eos_token_id}
     assert engine.text_config.num_hidden_layers == REDUCED.layers
+
+
+def test_the_bench_clip_has_the_llavas_tower_sizes_and_embeds_to_unit_vectors(tmp_path):
+    from transformers import CLIPProcessor
+
+    from lmm.encoders import ClipEmbedder
+    from models.bench import CLIP_PROJECTION, save_bench_clip
+
+    parameters = save_bench_clip(tmp_path / "clip", REDUCED, seed=0)
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    vision = config["vision_config"]
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["image_size"],
+            vision["patch_size"]) == (REDUCED.vision_hidden, REDUCED.vision_layers,
+                                      REDUCED.image_size, REDUCED.patch_size)
+    embedder = ClipEmbedder(str(tmp_path / "clip"), "cpu", "float32")
+    assert sum(p.numel() for p in embedder.model.parameters()) == parameters
+    processor = CLIPProcessor.from_pretrained(tmp_path / "clip")
+    pixels = processor.image_processor([Image.new("RGB", (300, 200), (200, 30, 30))],
+                                       return_tensors="np")["pixel_values"]
+    assert pixels.shape == (1, 3, REDUCED.image_size, REDUCED.image_size)
+    vectors = embedder.embed_images(np.asarray(pixels, np.float32))
+    assert vectors.shape == (1, CLIP_PROJECTION)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
