@@ -14,10 +14,11 @@ Load shapes: a concurrency sweep (``--concurrency``: that many requests in fligh
 the previous one ends) and Poisson arrivals (``--request-rate``, req/s: exponential gaps between
 request starts from a seeded RNG, the same schedule for every target; ``inf`` sends all at once;
 ``--max-concurrency`` caps the requests in flight). Each load runs non-streamed, streamed or both
-(``--mode``), or, with ``--mode embed``, as /v1/embeddings requests of the same images (bento-lmm's
-CLIP image embeddings; img/s and latency, no tokens). A level is one (image set, load, mode); for each level every target gets
-``--warmup`` untimed requests, then ``-n`` timed ones, one target after another, so they see the
-same machine state. The ratios between targets in one run are what the figures are for.
+(``--mode``), or, with ``--mode embed``, as /v1/embeddings requests of the same images
+(bento-lmm's CLIP image embeddings; img/s and latency, no tokens). A level is one (image set,
+load, mode); for each level every target gets ``--warmup`` untimed requests, then ``-n`` timed
+ones, one target after another, so they see the same machine state. The ratios between targets
+in one run are what the figures are for.
 
 Per target and level: req/s, output tok/s, img/s, end-to-end latency, and when streamed time to
 first token (TTFT), time per output token after the first (TPOT, per request) and inter-token
