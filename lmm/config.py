@@ -303,8 +303,9 @@ class LMMConfig(_Strict):
                            "and llm.device override it): auto, cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     torch_threads: Annotated[int, Ge(0)] = Field(
-        0, description="torch's threads in each runner process; 0: the CPUs this host gives the "
-        "process, split evenly between its runner processes (vision.workers + llm.workers). "
+        0, description="torch's threads in each runner process; 0: LMM_CPU_THREADS if set (the "
+        "Kubernetes manifests: the pod's CPU request per worker), else the CPUs this host gives "
+        "the process, split evenly between its runner processes (vision.workers + llm.workers). "
         "vLLM's CPU worker binds its own cores unless this is set.")
     default_max_tokens: PosInt = 64
     max_tokens_limit: PosInt = 1024
@@ -366,12 +367,19 @@ class LMMConfig(_Strict):
         return self.vision.device or self.device
 
     def cpu_threads(self) -> int:
-        """torch's intra-op threads in one runner process: ``torch_threads``, or (0) the CPUs
-        this process may use split evenly between the runner processes that ``bentoml serve``
-        starts on one host, at least 1. torch's own default (every core, in every process)
-        oversubscribes the host: on 2 cores a request took 5x as long (README "Models")."""
+        """torch's intra-op threads in one runner process: ``torch_threads``; else (0)
+        ``LMM_CPU_THREADS`` when set (the Kubernetes manifests set it to each runner pod's CPU
+        request per worker: one service per pod); else the CPUs this process may use split
+        evenly between the runner processes that ``bentoml serve`` starts on one host, at
+        least 1. torch's own default (every core, in every process) oversubscribes the host:
+        on 2 cores a request took 5x as long (README "Models")."""
         if self.torch_threads:
             return self.torch_threads
+        given = os.environ.get(CPU_THREADS_ENV, "").strip()
+        if given:
+            if not given.isdigit() or int(given) < 1:
+                raise ValueError(f"{CPU_THREADS_ENV}={given!r}: a whole number of threads >= 1")
+            return int(given)
         return max(1, usable_cpus() // (self.vision.workers + self.llm.workers))
 
     def llm_device(self) -> str:
@@ -379,6 +387,9 @@ class LMMConfig(_Strict):
 
     def traffic(self, scaling: ServiceScaling) -> dict:
         return {"timeout": scaling.timeout, "max_concurrency": scaling.max_concurrency}
+
+
+CPU_THREADS_ENV = "LMM_CPU_THREADS"  # a runner's torch threads, where the host is not shared
 
 
 def usable_cpus() -> int:

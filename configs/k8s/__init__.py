@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from lmm.config import LMMConfig, ServiceScaling
+from lmm.config import CPU_THREADS_ENV, LMMConfig, ServiceScaling
 
 PORT = 3000
 CONFIG_MAP = "bento-lmm-config"
@@ -180,6 +180,12 @@ def scale_cpu(cpu: str, n: int) -> str:
     return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
 
 
+def threads_per_worker(cpu: str) -> int:
+    """One worker's CPU request (e.g. "2", "500m", "1.5") as whole threads, rounded up."""
+    milli = int(Decimal(cpu[:-1]) if cpu.endswith("m") else Decimal(cpu) * 1000)
+    return max(1, -(-milli // 1000))
+
+
 def scale_memory(memory: str, n: int) -> str:
     """`memory` (e.g. "2Gi", "512Mi", "1G") times `n` workers, keeping the unit."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", memory)
@@ -242,6 +248,8 @@ def deployment(
         "app.kubernetes.io/version": version,
     }
     env = [{"name": "LMM_CONFIG_FILE", "value": CONFIG_PATH}]
+    if not spec.entry:  # torch threads: the pod's CPUs per worker, not the node's (lmm.config)
+        env.append({"name": CPU_THREADS_ENV, "value": str(threads_per_worker(spec.cpu))})
     if spec.entry:
         env.append(
             {

@@ -151,3 +151,18 @@ def test_usable_cpus_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch, 
     assert config_module.usable_cpus() == 6
     quota.unlink()  # no cgroup v2 file
     assert config_module.usable_cpus() == 6
+
+
+def test_lmm_cpu_threads_sets_a_runners_threads_when_torch_threads_does_not(monkeypatch):
+    from lmm import config as config_module
+
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: 16)
+    monkeypatch.setenv("LMM_CPU_THREADS", "3")  # a Kubernetes runner pod's CPU request
+    assert LMMConfig().cpu_threads() == 3
+    assert LMMConfig(torch_threads=5).cpu_threads() == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LMM_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match="LMM_CPU_THREADS"):
+            LMMConfig().cpu_threads()
+    monkeypatch.delenv("LMM_CPU_THREADS")
+    assert LMMConfig().cpu_threads() == 8

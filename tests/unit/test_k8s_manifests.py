@@ -30,6 +30,7 @@ from configs.k8s import (
     scale_memory,
     service_graph,
     service_url,
+    threads_per_worker,
 )
 from configs.k8s.graph import walk
 
@@ -260,6 +261,14 @@ def test_resources_probes_config_and_secret(example):
     assert not [o for o in objects(example) if o["kind"] == "Secret"]
     for name in ("lmm-vision", "lmm-llm"):
         assert "LMM_API_KEY" not in {e["name"] for e in container(deployments[name])["env"]}
+    # Each runner pod's torch threads are its CPU request per worker (one service per pod).
+    for spec in SERVICES:
+        env = {e["name"]: e.get("value") for e in container(deployments[spec.name])["env"]}
+        if spec.entry:
+            assert "LMM_CPU_THREADS" not in env
+        else:
+            assert env["LMM_CPU_THREADS"] == str(threads_per_worker(spec.scaling(config).cpu))
+    assert [threads_per_worker(c) for c in ("1", "2", "500m", "1.5", "2500m")] == [1, 2, 1, 2, 3]
 
 
 def test_configmap_carries_the_config_and_pods_roll_on_change(example):
