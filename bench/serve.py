@@ -125,6 +125,11 @@ def error_message(raw: bytes) -> str:
         return raw.decode(errors="replace")[:300]
 
 
+# What a failed request raises in send/send_embed: a transport error, a timeout, an answer that
+# is not the JSON it should be.
+REQUEST_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError)
+
+
 async def send(client: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> Outcome:
     """One /v1/chat/completions request; failures are returned, not raised."""
     started = time.perf_counter()
@@ -173,8 +178,7 @@ async def send(client: aiohttp.ClientSession, url: str, body: bytes, stream: boo
                        output_tokens=usage["completion_tokens"] if from_usage else len(times),
                        input_tokens=(usage or {}).get("prompt_tokens") or 0,
                        tokens_from="usage" if from_usage else "chunks")
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
-            TypeError) as exc:  # counted, never hidden
+    except REQUEST_ERRORS as exc:  # counted, never hidden
         return Outcome(False, message=f"{type(exc).__name__}: {exc}"[:300])
 
 
@@ -193,8 +197,7 @@ async def send_embed(client: aiohttp.ClientSession, url: str, body: bytes, image
             return Outcome(False, status=200,
                            message=f"answer has {len(data)} embeddings for {images} images")
         return Outcome(True, latency)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError,
-            TypeError) as exc:  # counted, never hidden
+    except REQUEST_ERRORS as exc:  # counted, never hidden
         return Outcome(False, message=f"{type(exc).__name__}: {exc}"[:300])
 
 

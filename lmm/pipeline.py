@@ -364,13 +364,12 @@ class Pipeline:
             pixel_values = np.asarray(pixels["pixel_values"], np.float32)
 
             async def call(todo: np.ndarray) -> np.ndarray:
-                return np.asarray(await self._in_batches(self.vision.embed_images, todo),
-                                  np.float32)  # the runner's float32 vectors, exactly
+                return np.stack(await self._in_batches(self.vision.embed_images, todo))
 
             with observer.encoding():
                 vectors = (await call(pixel_values) if self.embed_cache is None
                            else await self.embed_cache.features(pixel_values, call))
-            result.images = [list(map(float, v)) for v in vectors]
+            result.images = vectors.tolist()  # the runner's float32 values, exactly
         return result
 
     async def rank(self, query: str | Image.Image, texts: Sequence[str],
@@ -388,13 +387,14 @@ class Pipeline:
         ranked += [Ranked("image", i, float(np.dot(q, v))) for i, v in enumerate(vectors.images)]
         return sorted(ranked, key=lambda r: -r.score)
 
-    async def _in_batches(self, call, items) -> list[list[float]]:
-        """One request may hold more items than the runner's max_batch_size: split it."""
+    async def _in_batches(self, call, items) -> list:
+        """One request may hold more items than the runner's max_batch_size: split it. The
+        runner's rows, in order, as it returned them."""
         size = self.config.vision.batching.max_batch_size
         parts = await asyncio.gather(*[
             faults.call("vision", self.vision, functools.partial(call, items[i : i + size]))
             for i in range(0, len(items), size)])
-        return [list(map(float, v)) for part in parts for v in part]
+        return [row for part in parts for row in part]
 
 
 def _plain(content) -> str:

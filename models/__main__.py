@@ -70,38 +70,33 @@ def build_bench(args: argparse.Namespace) -> int:
     from models.bench import BenchSize, save_bench_clip, save_bench_llava
 
     size = BenchSize(**{field: getattr(args, field) for field in BENCH_SIZE_OPTIONS})
-    what = "LLaVA (CLIP tower + Llama) with random weights, for benchmarks"
-    print(f"[models] {args.name}: {what} ...", flush=True)
 
     def progress(line: str) -> None:
         print(f"[models]   {line}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="lmm-bench-") as scratch:
-        out = Path(args.out) if args.out else Path(scratch) / "llava"
-        counts = save_bench_llava(out, size, args.seed, progress)
+    def store(name: str, path: Path, role: str, what: str, parameters) -> None:
         progress("storing ...")
         model = save_to_store(
-            args.name, out,
+            name, path,
             labels={"source": "bento-lmm/models/bench", "trained": "no", "weights": "random",
-                    "role": "llava"},
+                    "role": role},
             metadata={"source": "models/bench.py", "description": what, "seed": args.seed,
-                      "sizes": dataclasses.asdict(size), "parameters": counts},
+                      "sizes": dataclasses.asdict(size), "parameters": parameters},
         )
-    print(f"[models]   {model.tag}  {model.path}", flush=True)
+        progress(f"{model.tag}  {model.path}")
+
+    what = "LLaVA (CLIP tower + Llama) with random weights, for benchmarks"
+    print(f"[models] {args.name}: {what} ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lmm-bench-") as scratch:
+        out = Path(args.out) if args.out else Path(scratch) / "llava"
+        store(args.name, out, "llava", what, save_bench_llava(out, size, args.seed, progress))
     if args.clip_name:
         what = "CLIP (the bench LLaVA's tower sizes, a small text tower) with random weights"
         print(f"[models] {args.clip_name}: {what} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix="lmm-bench-clip-") as scratch:
             parameters = save_bench_clip(Path(scratch), size, args.seed)
-            progress(f"parameters: {parameters:,}; storing ...")
-            model = save_to_store(
-                args.clip_name, Path(scratch),
-                labels={"source": "bento-lmm/models/bench", "trained": "no",
-                        "weights": "random", "role": "clip"},
-                metadata={"source": "models/bench.py", "description": what, "seed": args.seed,
-                          "sizes": dataclasses.asdict(size), "parameters": parameters},
-            )
-        print(f"[models]   {model.tag}  {model.path}", flush=True)
+            progress(f"parameters: {parameters:,}")
+            store(args.clip_name, Path(scratch), "clip", what, parameters)
     return 0
 
 

@@ -174,16 +174,20 @@ _BINARY = ("Ki", "Mi", "Gi", "Ti")  # each 1024 times the one before
 _DECIMAL = ("k", "M", "G", "T")  # each 1000 times the one before
 
 
+def millicpu(cpu: str) -> int:
+    """A CPU quantity (e.g. "2", "500m", "1.5") in thousandths of a CPU."""
+    return int(Decimal(cpu[:-1]) if cpu.endswith("m") else Decimal(cpu) * 1000)
+
+
 def scale_cpu(cpu: str, n: int) -> str:
-    """`cpu` (e.g. "2", "500m", "1.5") times `n` workers, in canonical form."""
-    milli = int(Decimal(cpu[:-1]) if cpu.endswith("m") else Decimal(cpu) * 1000) * n
+    """`cpu` times `n` workers, in canonical form."""
+    milli = millicpu(cpu) * n
     return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
 
 
 def threads_per_worker(cpu: str) -> int:
-    """One worker's CPU request (e.g. "2", "500m", "1.5") as whole threads, rounded up."""
-    milli = int(Decimal(cpu[:-1]) if cpu.endswith("m") else Decimal(cpu) * 1000)
-    return max(1, -(-milli // 1000))
+    """One worker's CPU request as whole threads, rounded up."""
+    return max(1, -(-millicpu(cpu) // 1000))
 
 
 def scale_memory(memory: str, n: int) -> str:

